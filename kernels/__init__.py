@@ -1,0 +1,18 @@
+"""Low-level kernels over the packed llmquant layout: knows tensors, not models.
+
+`pack` defines the layout, `reference` is the float64 torch reference every kernel is
+tested against, and `triton_matmul` holds the fused dequant-matmul Triton kernels.
+"""
+
+from .pack import SUPPORTED_BITS, pack_codes, packed_rows, unpack_codes, values_per_word
+from .reference import dequantize, reference_linear
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "dequantize",
+    "pack_codes",
+    "packed_rows",
+    "reference_linear",
+    "unpack_codes",
+    "values_per_word",
+]

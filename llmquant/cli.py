@@ -1,0 +1,105 @@
+"""The `llmquant` command: `quantize` a checkpoint, `eval` perplexity against a baseline."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_BAD_INPUT = 2
+
+
+def _group_size(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer, got {text!r}") from None
+
+
+def _add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="quantize a Hugging Face checkpoint into an llmquant folder",
+        description="Quantize SRC (a local folder or a Hub id) into OUT: packed safetensors shards, "
+        "config.json with quantization_config, tokenizer, generation config and a model card.",
+    )
+    parser.add_argument("src", metavar="SRC", help="model folder or Hub id (floating-point safetensors)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write (must not exist)")
+    parser.add_argument("--bits", type=int, default=4, help="code width: 2, 3, 4 or 8 (default 4)")
+    parser.add_argument(
+        "--group-size", type=_group_size, default=128, help="32, 64, 128, 256, or -1 for per row (default 128)"
+    )
+    parser.add_argument("--sym", action="store_true", help="symmetric codes (no zero points)")
+    parser.add_argument("--method", default="rtn", help="how codes are chosen (default rtn)")
+    parser.add_argument(
+        "--skip",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="modules kept in floating point (default: the output head)",
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import quantize_checkpoint
+    from .config import QuantConfig
+
+    config = QuantConfig(
+        bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, modules_to_not_convert=args.skip
+    )
+    summary = quantize_checkpoint(
+        args.src, args.output, config, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    mib = 2**20
+    print(f"wrote {args.output}")
+    print(
+        f"  {config.short_name()} ({config.method}): {summary.params_quantized:,} of {summary.params_total:,} "
+        f"parameters quantized in {len(summary.layers)} layers"
+    )
+    print(f"  bits per weight (codes + scales + zeros): {summary.bits_per_weight:.3f}")
+    print(
+        f"  size: {summary.bytes_before / mib:.1f} MiB -> {summary.bytes_after / mib:.1f} MiB "
+        f"({summary.bytes_before / max(summary.bytes_after, 1):.2f}x smaller)"
+    )
+    print(f"  time: {summary.seconds:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmquant", description="Weight-only quantization for Hugging Face LLMs.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_quantize_parser(subparsers)
+    try:
+        from .evals import cli as eval_cli
+    except ImportError:  # the eval extra (datasets, matplotlib) is not installed
+        eval_cli = None
+    if eval_cli is not None:
+        eval_cli.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "quantize":
+            return _run_quantize(args)
+        from .evals import cli as eval_cli
+
+        return eval_cli.run(args)
+    except (ValueError, OSError) as error:  # bad input: one line, no traceback
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"llmquant {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("llmquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

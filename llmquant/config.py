@@ -1,0 +1,88 @@
+"""`QuantConfig`: what to quantize and how. It is also the transformers quantization config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .kernels.pack import SUPPORTED_BITS
+
+QUANT_METHOD = "llmquant"
+FORMAT_VERSION = 1
+SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
+SUPPORTED_METHODS = ("rtn",)
+
+
+class QuantConfig(QuantizationConfigMixin):
+    """Group-wise weight-only quantization of the linear layers of a model.
+
+    Args:
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: consecutive input columns sharing a scale (and zero): 32, 64, 128, 256,
+            or -1 for one group per output row. A last, shorter group is allowed.
+        sym: symmetric codes around an implicit zero (no stored zeros) instead of asymmetric.
+        method: how codes are chosen: "rtn" (round to nearest). The stored form never
+            depends on it, so every method loads with the same kernels.
+        modules_to_not_convert: module names (or name suffixes) left in floating point. None
+            means the output head; embeddings are never touched (they are not nn.Linear).
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = False,
+        method: str = "rtn",
+        modules_to_not_convert: list[str] | None = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise ValueError(f"QuantConfig got unknown fields {sorted(kwargs)}")
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.method = method
+        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.format_version = format_version
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; raise ValueError naming the field and the allowed values."""
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {self.bits!r}")
+        if isinstance(self.group_size, bool) or self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {list(SUPPORTED_GROUP_SIZES)}, got {self.group_size!r}")
+        if not isinstance(self.sym, bool):
+            raise ValueError(f"sym must be True or False, got {self.sym!r}")
+        if self.method not in SUPPORTED_METHODS:
+            raise ValueError(f"method must be one of {list(SUPPORTED_METHODS)}, got {self.method!r}")
+        skip = self.modules_to_not_convert
+        if skip is not None and not all(isinstance(name, str) and name for name in skip):
+            raise ValueError(f"modules_to_not_convert must be a list of module names, got {skip!r}")
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"format_version must be {FORMAT_VERSION} (this llmquant's layout), got {self.format_version!r}"
+            )
+
+    def short_name(self) -> str:
+        """e.g. 'int4-g128' or 'int8-gall-sym', the spelling `llmquant eval --configs` accepts."""
+        group = "all" if self.group_size == -1 else str(self.group_size)
+        return f"int{self.bits}-g{group}" + ("-sym" if self.sym else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "method": self.method,
+            "modules_to_not_convert": self.modules_to_not_convert,
+            "format_version": self.format_version,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QuantConfig) and self.to_dict() == other.to_dict()

@@ -1,0 +1,82 @@
+"""Swap a model's nn.Linear layers for QuantLinear: empty (to load packed weights) or quantized."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import QuantConfig
+from .linear import QuantLinear
+
+
+def default_skip(model: nn.Module) -> list[str]:
+    """Module names kept in floating point by default: the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, module in model.named_modules() if head is not None and module is head]
+
+
+def modules_to_skip(model: nn.Module, config: QuantConfig) -> list[str]:
+    skip = config.modules_to_not_convert
+    return default_skip(model) if skip is None else list(skip)
+
+
+def is_skipped(name: str, skip: list[str]) -> bool:
+    """A module is skipped when a skip entry equals its name or a dotted suffix/prefix of it."""
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+
+
+def linear_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
+    """The (name, module) pairs the config quantizes, in model order."""
+    skip = modules_to_skip(model, config)
+    # A linear sharing its weight with an embedding (tied head) must stay a float tensor.
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and not is_skipped(name, skip)
+        and id(module.weight) not in embedding_weights
+    ]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_with_empty_quant_linear(model: nn.Module, config: QuantConfig, dtype: torch.dtype) -> list[str]:
+    """Replace each quantizable nn.Linear by an empty QuantLinear on the same device (meta while
+    transformers builds the skeleton); returns the names replaced."""
+    replaced = []
+    for name, linear in linear_layers(model, config):
+        module = QuantLinear(
+            linear.in_features,
+            linear.out_features,
+            config.bits,
+            config.group_size,
+            config.sym,
+            bias=linear.bias is not None,
+            dtype=dtype,
+            device=linear.weight.device,
+        )
+        _set_module(model, name, module)
+        replaced.append(name)
+    return replaced
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True) -> nn.Module:
+    """Quantize `model` in place: every selected nn.Linear becomes a QuantLinear (RTN codes,
+    scales in the weight's dtype). Returns the model."""
+    layers = linear_layers(model, config)
+    for name, linear in tqdm(layers, desc="quantizing", unit="layer", disable=not progress):
+        _set_module(
+            model,
+            name,
+            QuantLinear.from_linear(
+                linear, config.bits, config.group_size, config.sym, method=config.method, name=f"{name}.weight"
+            ),
+        )
+    return model

@@ -1,0 +1,75 @@
+"""transformers integration: `from_pretrained` loads llmquant checkpoints and quantizes on load.
+
+Registered under quant_method "llmquant" by `register()` (called on `import llmquant`; safe to
+call twice). Pre-quantized load swaps nn.Linear for empty QuantLinear before the weights are
+read, so the packed tensors load straight into its buffers. Quantize-on-load lets transformers
+load the floating-point weights, then quantizes layer by layer after loading (as the GPTQ
+integration does): simple and robust across transformers 5.x, at the price of holding the
+floating-point model once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from .config import QUANT_METHOD, QuantConfig
+from .convert import modules_to_skip, quantize_, replace_with_empty_quant_linear
+
+
+class LlmquantHfQuantizer(HfQuantizer):
+    """HfQuantizer for QuantConfig: pre-quantized loading and quantize-on-load."""
+
+    requires_calibration = False
+    quantization_config: QuantConfig
+
+    def __init__(self, quantization_config: QuantConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("llmquant cannot offload quantized layers to disk; use device_map='auto' with enough memory")
+
+    def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if config.modules_to_not_convert is None:
+            config.modules_to_not_convert = modules_to_skip(model, config)
+        if self.pre_quantized:
+            dtype = kwargs.get("dtype") or model.config.dtype or torch.float16
+            if isinstance(dtype, str):
+                dtype = getattr(torch, dtype) if dtype != "auto" else torch.float16
+            replace_with_empty_quant_linear(model, config, dtype)
+        model.config.quantization_config = config
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        if not self.pre_quantized:
+            quantize_(model, self.quantization_config, progress=False)
+        return model
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Register QuantConfig and the quantizer with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(QuantConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(LlmquantHfQuantizer)

@@ -1,0 +1,123 @@
+"""`QuantLinear`: an nn.Linear replacement holding packed codes, scales and zeros."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels.pack import packed_rows, values_per_word
+from .quantize import num_groups, quantize_weight
+
+KERNEL_ENV = "LLMQUANT_KERNEL"
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    """Triton for CUDA inputs; on CPU only when LLMQUANT_KERNEL=triton (tests, TRITON_INTERPRET=1)."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice == "torch":
+        return False
+    return x.is_cuda or choice == "triton"
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequantize(qweight, scales, qzeros)^T + bias, with the layout of docs/FORMAT.md.
+
+    Buffers: qweight [ceil(K/V), N] int32, scales [G, N] float, qzeros [G, N] uint8 (asymmetric
+    only); bias [N] as a parameter when present. Inputs x: [..., K] float32/float16/bfloat16.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        groups = num_groups(in_features, group_size)
+        rows = packed_rows(in_features, bits)
+        self.register_buffer("qweight", torch.zeros(rows, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
+        if sym:
+            self.qzeros = None
+        else:
+            self.register_buffer("qzeros", torch.zeros(groups, out_features, dtype=torch.uint8, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, bits: int, group_size: int, sym: bool, method: str = "rtn", name: str = "weight"
+    ) -> QuantLinear:
+        """Quantize an nn.Linear (weight [N, K]); scales keep the weight's dtype."""
+        weight = linear.weight.detach()
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bits,
+            group_size,
+            sym,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        module.load_packed(quantize_weight(weight, bits, group_size, sym, method=method, name=name))
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def load_packed(self, packed: dict[str, torch.Tensor]) -> None:
+        """Copy packed tensors (as returned by quantize_weight) into the buffers."""
+        for key, value in packed.items():
+            getattr(self, key).copy_(value)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as the kernels see it: W [N, K] in `dtype` (default: the scales' dtype)."""
+        return self._dequantize_kn(dtype or self.scales.dtype).t()
+
+    def _dequantize_kn(self, dtype: torch.dtype) -> torch.Tensor:
+        """W^T [K, N] from the K-major packed words, without a transpose copy of the codes."""
+        bits, k, n = self.bits, self.in_features, self.out_features
+        per_word = values_per_word(bits)
+        shifts = torch.arange(0, bits * per_word, bits, dtype=torch.int32, device=self.qweight.device)
+        codes = (self.qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << bits) - 1)
+        codes = codes.view(-1, n)  # [rows * V, N]
+        group = k if self.group_size == -1 else self.group_size
+        groups = self.scales.shape[0]
+        padded_k = groups * group
+        if codes.shape[0] < padded_k:
+            codes = F.pad(codes, (0, 0, 0, padded_k - codes.shape[0]))
+        codes = codes[:padded_k].view(groups, group, n).to(dtype)
+        zero = (1 << (bits - 1)) if self.qzeros is None else self.qzeros.to(dtype).unsqueeze(1)
+        weight = (codes - zero) * self.scales.to(dtype).unsqueeze(1)
+        return weight.view(padded_k, n)[:k]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_triton(x):
+            from .kernels.triton_matmul import quant_matmul
+
+            return quant_matmul(x, self.qweight, self.scales, self.qzeros, self.bias, self.bits, self.group_size)
+        weight = self._dequantize_kn(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight.t(), bias)
+
+    def extra_repr(self) -> str:
+        group = "all" if self.group_size == -1 else self.group_size
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={group}, sym={self.sym}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,128 @@
+"""Round-to-nearest group-wise quantization: W -> (codes, scales, zeros), as plain tensor functions.
+
+Formulas (docs/FORMAT.md): per group of `group_size` consecutive input columns of a row,
+- asymmetric: the range is widened to include 0 (lo = min(min, 0), hi = max(max, 0)), so the
+  zero point is an exact code in [0, 2^b - 1] and no code ever leaves the range even for an
+  all-positive group; scale = (hi - lo) / (2^b - 1), zero = round(-lo / scale),
+  code = clamp(round(W / scale) + zero, 0, 2^b - 1);
+- symmetric: scale = max|W| / (2^(b-1) - 1), q = clamp(round(W / scale), -(2^(b-1)), 2^(b-1) - 1),
+  stored as the unsigned code q + 2^(b-1) (the implicit zero).
+W ≈ (code - zero) * scale. Codes are computed with the scale as stored (rounded to its dtype),
+so that dequantization reproduces exactly what the rounding saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.pack import SUPPORTED_BITS, pack_codes
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized [N, K] weight before packing.
+
+    codes: [N, K] uint8 unsigned codes; scales: [G, N] float; zeros: [G, N] uint8 or None (sym).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """G = ceil(K / group_size); 1 for group_size -1."""
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
+def _grouped(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> ([N, G, group] padded with zeros, [N, G, group] bool mask of real columns)."""
+    n, k = weight.shape
+    group = k if group_size == -1 else group_size
+    groups = num_groups(k, group_size)
+    padded = weight.new_zeros(n, groups * group)
+    padded[:, :k] = weight
+    mask = torch.zeros(groups * group, dtype=torch.bool, device=weight.device)
+    mask[:k] = True
+    return padded.view(n, groups, group), mask.view(1, groups, group)
+
+
+def _storable(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round scales to the storage dtype; a zero scale (all-zero group, underflow) becomes the
+    smallest positive value of that dtype so nothing ever divides by zero."""
+    stored = scale.to(dtype)
+    tiny = torch.tensor(torch.finfo(dtype).smallest_normal, dtype=dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        tiny = torch.tensor(2.0 ** (torch.finfo(dtype).minexp - torch.finfo(dtype).nmant), dtype=dtype)
+    return torch.where(stored > 0, stored, tiny.to(stored.device))
+
+
+def check_finite(weight: torch.Tensor, name: str) -> None:
+    """Raise ValueError naming the tensor if it holds NaN or Inf."""
+    if not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise ValueError(f"tensor {name!r} has {bad} NaN/Inf values; refusing to quantize it")
+
+
+def quantize_rtn(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    scale_dtype: torch.dtype | None = None,
+    name: str = "weight",
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of W: [N, K] float.
+
+    scale_dtype: dtype the scales are stored in (default: W's dtype). Returns codes [N, K] uint8,
+    scales [G, N] scale_dtype and zeros [G, N] uint8 (None when sym).
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"tensor {name!r} must be a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
+    check_finite(weight, name)
+    n, k = weight.shape
+    scale_dtype = scale_dtype or weight.dtype
+    groups, real = _grouped(weight.float(), group_size)
+    max_code = (1 << bits) - 1
+    if sym:
+        half = 1 << (bits - 1)
+        absmax = groups.abs().amax(dim=-1)
+        scale = _storable(absmax / (half - 1), scale_dtype).float()
+        q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), -half, half - 1) + half
+        zeros = None
+    else:
+        lo = torch.where(real, groups, torch.inf).amin(dim=-1).clamp(max=0)
+        hi = torch.where(real, groups, -torch.inf).amax(dim=-1).clamp(min=0)
+        scale = _storable((hi - lo) / max_code, scale_dtype).float()
+        zero = torch.clamp(torch.round(-lo / scale), 0, max_code)
+        q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, max_code)
+        zeros = zero.t().to(torch.uint8).contiguous()
+    codes = q.reshape(n, -1)[:, :k].to(torch.uint8)
+    return QuantizedWeight(codes=codes, scales=scale.t().to(scale_dtype).contiguous(), zeros=zeros)
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    method: str = "rtn",
+    scale_dtype: torch.dtype | None = None,
+    name: str = "weight",
+) -> dict[str, torch.Tensor]:
+    """Quantize and pack W: [N, K] into the stored tensors of one QuantLinear.
+
+    Returns {"qweight": [ceil(K/V), N] int32, "scales": [G, N] scale_dtype} plus
+    "qzeros": [G, N] uint8 when asymmetric.
+    """
+    if method != "rtn":
+        raise ValueError(f"method must be one of ['rtn'], got {method!r}")
+    quantized = quantize_rtn(weight, bits, group_size, sym, scale_dtype=scale_dtype, name=name)
+    packed = {"qweight": pack_codes(quantized.codes, bits), "scales": quantized.scales}
+    if quantized.zeros is not None:
+        packed["qzeros"] = quantized.zeros
+    return packed
