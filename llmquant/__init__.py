@@ -1,7 +1,7 @@
 """llmquant: group-wise int4/int8 weight-only quantization for Hugging Face models.
 
-    import llmquant
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=llmquant.QuantConfig(bits=4))
+import llmquant
+model = AutoModelForCausalLM.from_pretrained(path, quantization_config=llmquant.QuantConfig(bits=4))
 """
 
 from .config import QuantConfig

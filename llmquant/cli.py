@@ -52,7 +52,11 @@ def _run_quantize(args: argparse.Namespace) -> int:
         bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, modules_to_not_convert=args.skip
     )
     summary = quantize_checkpoint(
-        args.src, args.output, config, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        args.src,
+        args.output,
+        config,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
         progress=not args.quiet,
     )
     mib = 2**20

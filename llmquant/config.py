@@ -46,7 +46,9 @@ class QuantConfig(QuantizationConfigMixin):
         self.group_size = group_size
         self.sym = sym
         self.method = method
-        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        if isinstance(modules_to_not_convert, tuple):
+            modules_to_not_convert = list(modules_to_not_convert)
+        self.modules_to_not_convert = modules_to_not_convert
         self.format_version = format_version
         self.post_init()
 
@@ -61,7 +63,7 @@ class QuantConfig(QuantizationConfigMixin):
         if self.method not in SUPPORTED_METHODS:
             raise ValueError(f"method must be one of {list(SUPPORTED_METHODS)}, got {self.method!r}")
         skip = self.modules_to_not_convert
-        if skip is not None and not all(isinstance(name, str) and name for name in skip):
+        if skip is not None and not (isinstance(skip, list) and all(isinstance(n, str) and n for n in skip)):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {skip!r}")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(

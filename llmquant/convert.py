@@ -34,9 +34,7 @@ def linear_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.L
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and not is_skipped(name, skip)
-        and id(module.weight) not in embedding_weights
+        if isinstance(module, nn.Linear) and not is_skipped(name, skip) and id(module.weight) not in embedding_weights
     ]
 
 

@@ -37,7 +37,9 @@ class LlmquantHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("llmquant cannot offload quantized layers to disk; use device_map='auto' with enough memory")
+            raise ValueError(
+                "llmquant cannot offload quantized layers to disk; use device_map='auto' with enough memory"
+            )
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
         config = self.quantization_config

@@ -53,10 +53,10 @@ def _storable(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round scales to the storage dtype; a zero scale (all-zero group, underflow) becomes the
     smallest positive value of that dtype so nothing ever divides by zero."""
     stored = scale.to(dtype)
-    tiny = torch.tensor(torch.finfo(dtype).smallest_normal, dtype=dtype)
-    if dtype in (torch.float16, torch.bfloat16):
-        tiny = torch.tensor(2.0 ** (torch.finfo(dtype).minexp - torch.finfo(dtype).nmant), dtype=dtype)
-    return torch.where(stored > 0, stored, tiny.to(stored.device))
+    info = torch.finfo(dtype)
+    # 16-bit scales of tiny groups live in the subnormal range; keep the smallest one there.
+    smallest = info.smallest_normal * (info.eps if info.bits == 16 else 1.0)
+    return torch.where(stored > 0, stored, torch.tensor(smallest, dtype=dtype, device=stored.device))
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:
