@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .convert import linear_layers
+from .kernels.pack import packed_rows
 from .modelcard import write_model_card
-from .quantize import quantize_weight
+from .quantize import num_groups, quantize_weight
+from .shards import DTYPES, ShardedWriter, TensorSpec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -116,13 +117,16 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         if path.suffix == ".safetensors":
             try:
-                handle = safe_open(str(path), framework="pt")
-                names = list(handle.keys())
+                with safe_open(str(path), framework="pt") as handle:
+                    names = list(handle.keys())
             except Exception as error:  # SafetensorError and OSError: truncated or not safetensors
                 raise CheckpointError(f"cannot read {path}: {error}") from None
             for name in names:
                 try:
-                    tensor = handle.get_tensor(name)
+                    # A handle per tensor: the file's memory map is released after each read, so
+                    # the pages of tensors already written do not stay resident until the end.
+                    with safe_open(str(path), framework="pt") as handle:
+                        tensor = handle.get_tensor(name)
                 except Exception as error:
                     raise CheckpointError(f"cannot read tensor {name!r} from {path}: {error}") from None
                 yield name, tensor
@@ -155,46 +159,42 @@ def quantizable_weights(src: Path, config: QuantConfig) -> tuple[dict[str, str],
     return {f"{name}.weight": name for name, _ in layers}, skip
 
 
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most `max_bytes`, then names them the HF way."""
+def tensor_specs(files: list[Path]) -> list[TensorSpec]:
+    """Name, dtype and shape of every source tensor, in file order, without reading the data."""
+    specs = []
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                handle = safe_open(str(path), framework="pt")
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    specs.append(TensorSpec(name, DTYPES[view.get_dtype()], tuple(view.get_shape())))
+            except KeyError as error:
+                raise CheckpointError(f"{path}: unsupported tensor dtype {error}") from None
+            except Exception as error:  # SafetensorError and OSError: truncated or not safetensors
+                raise CheckpointError(f"cannot read {path}: {error}") from None
+        else:
+            specs += [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in iter_tensors([path])]
+    return specs
 
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        self.folder = folder
-        self.max_bytes = max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.folder / f"shard-{len(self.shards):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> None:
-        self.flush()
-        count = len(self.shards)
-        if count == 1:
-            self.shards[0][0].rename(self.folder / "model.safetensors")
-            return
-        weight_map = {}
-        for index, (path, names) in enumerate(self.shards, start=1):
-            final = f"model-{index:05d}-of-{count:05d}.safetensors"
-            path.rename(self.folder / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index_doc = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
+def output_specs(source: list[TensorSpec], targets: dict[str, str], config: QuantConfig) -> list[TensorSpec]:
+    """What the quantized checkpoint holds: each target weight becomes qweight, scales (in the
+    weight's dtype) and, asymmetric, qzeros; every other tensor is copied."""
+    specs = []
+    for spec in source:
+        if spec.name not in targets:
+            specs.append(spec)
+            continue
+        if len(spec.shape) != 2 or not spec.dtype.is_floating_point:
+            raise CheckpointError(f"tensor {spec.name!r} is {spec.dtype} {spec.shape}, not a 2-D float linear weight")
+        n, k = spec.shape
+        module, groups = targets[spec.name], num_groups(k, config.group_size)
+        specs.append(TensorSpec(f"{module}.qweight", torch.int32, (packed_rows(k, config.bits), n)))
+        specs.append(TensorSpec(f"{module}.scales", spec.dtype, (groups, n)))
+        if not config.sym:
+            specs.append(TensorSpec(f"{module}.qzeros", torch.uint8, (groups, n)))
+    return specs
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -236,34 +236,33 @@ def quantize_checkpoint(
     staging.mkdir()
     summary = Summary()
     try:
-        writer = ShardWriter(staging, max_bytes)
-        found = set()
+        source_specs = tensor_specs(files)
+        missing = sorted(set(targets) - {spec.name for spec in source_specs})
+        if missing:
+            raise CheckpointError(
+                f"{len(missing)} linear weights of the model are not in the checkpoint (first: {missing[0]!r}); "
+                "is the checkpoint complete?"
+            )
+        writer = ShardedWriter(staging, output_specs(source_specs, targets, config), max_bytes)
         bar = tqdm(total=len(targets), desc="quantizing", unit="layer", disable=not progress)
         for name, tensor in iter_tensors(files):
             summary.bytes_before += tensor.numel() * tensor.element_size()
             summary.params_total += tensor.numel()
             if name not in targets:
-                writer.add(name, tensor)
+                writer.write(name, tensor)
                 continue
             packed = quantize_weight(
                 tensor, config.bits, config.group_size, config.sym, method=config.method, name=name
             )
             module = targets[name]
             for key, value in packed.items():
-                writer.add(f"{module}.{key}", value)
+                writer.write(f"{module}.{key}", value)
                 summary.quantized_bytes += value.numel() * value.element_size()
             summary.params_quantized += tensor.numel()
             summary.layers.append(module)
-            found.add(name)
             bar.update(1)
         bar.close()
-        missing = sorted(set(targets) - found)
-        if missing:
-            raise CheckpointError(
-                f"{len(missing)} linear weights of the model are not in the checkpoint (first: {missing[0]!r}); "
-                "is the checkpoint complete?"
-            )
-        writer.finish()
+        writer.close()
         summary.bytes_after = writer.total_bytes
         model_config["quantization_config"] = saved_config.to_dict()
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
