@@ -103,7 +103,7 @@ class QuantLinear(nn.Module):
             codes = F.pad(codes, (0, 0, 0, padded_k - codes.shape[0]))
         codes = codes[:padded_k].view(groups, group, n).to(dtype)
         zero = (1 << (bits - 1)) if self.qzeros is None else self.qzeros.to(dtype).unsqueeze(1)
-        weight = (codes - zero) * self.scales.to(dtype).unsqueeze(1)
+        weight = codes.sub_(zero).mul_(self.scales.to(dtype).unsqueeze(1))  # in place on the fresh copy
         return weight.view(padded_k, n)[:k]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

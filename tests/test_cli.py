@@ -106,6 +106,7 @@ def bad_inputs(stories_dir, tmp_path):
         "out exists": ([stories_dir, "-o", exists], "--overwrite"),
         "already quantized": ([done, "-o", tmp_path / "o"], "already quantized"),
         "not a model": ([tmp_path, "-o", tmp_path / "o"], "config.json"),
+        "hub id offline": (["someone/no-such-model", "-o", tmp_path / "o"], "could not be fetched from the Hub"),
     }
 
 
