@@ -32,7 +32,9 @@ class LlmquantHfQuantizer(HfQuantizer):
     quantization_config: QuantConfig
 
     def __init__(self, quantization_config: QuantConfig, **kwargs: Any) -> None:
-        super().__init__(quantization_config, **kwargs)
+        # A private copy: resolving modules_to_not_convert for this model must not edit the
+        # caller's config, which may be reused for another model.
+        super().__init__(QuantConfig(**quantization_config.to_dict()), **kwargs)
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")

@@ -105,3 +105,10 @@ def test_quantize_in_place_matches_quantize_on_load(stories_dir, tokens):
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         QuantConfig(**{field: value})
+
+
+def test_callers_config_is_not_modified(stories_dir):
+    config = QuantConfig(bits=4, group_size=32)
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, quantization_config=config)
+    assert config.modules_to_not_convert is None
+    assert model.config.quantization_config.modules_to_not_convert == ["lm_head"]
