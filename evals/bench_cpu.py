@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,29 +33,29 @@ CONFIGS = {"int8-g128": llmquant.QuantConfig(bits=8, group_size=128), "int4-g128
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-v1-test.jsonl"
 
 
+# The child reports its own VmHWM: unlike ru_maxrss, it belongs to the address space made at
+# exec, so it does not inherit the (large) peak of this parent process.
+_CHILD = """
+import sys
+from llmquant.cli import main
+code = main(sys.argv[1:])
+peak = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]
+print("VMHWM_KB", peak)
+sys.exit(code)
+"""
+
+
 def timed_quantize(src: Path, out: Path, config: llmquant.QuantConfig) -> dict:
-    """Run the CLI in a child process: its wall seconds and peak RSS (from wait4)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "llmquant.cli",
-        "quantize",
-        str(src),
-        "-o",
-        str(out),
-        "--quiet",
-        "--bits",
-        str(config.bits),
-        "--group-size",
-        str(config.group_size),
-    ]
+    """Run `llmquant quantize` in a child process: its wall seconds and peak resident memory."""
+    args = ["quantize", str(src), "-o", str(out), "--quiet", "--bits", str(config.bits)]
+    args += ["--group-size", str(config.group_size)]
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
+    done = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
-    return {"command": " ".join(cmd[2:]), "seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    if done.returncode != 0:
+        raise SystemExit(f"llmquant {' '.join(args)} failed: {done.stderr.strip()}")
+    peak_kb = int(done.stdout.split("VMHWM_KB")[1].split()[0])
+    return {"command": "llmquant " + " ".join(args), "seconds": seconds, "peak_rss_bytes": peak_kb * 1024}
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -78,7 +77,7 @@ def forward_times(model, tokens: torch.Tensor, repeats: int) -> dict:
 
     def decode():
         model(step, past_key_values=cache, use_cache=True)
-        cache.crop(512)  # keep the cache at 512 tokens for every repetition
+        cache.crop(-1)  # drop the new token: every repetition decodes after the same 512
 
     return {"prefill_512_s": prefill, "decode_step_s": median_seconds(decode, repeats * 4)}
 
@@ -104,12 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for name, config in CONFIGS.items():
             quantize = timed_quantize(args.model, Path(scratch) / name, config)
+            # bits per weight as published (scales in the checkpoint's dtype), speed in float32
+            stored_bits = llmquant.bits_per_weight(AutoModelForCausalLM.from_pretrained(Path(scratch) / name))
             model = AutoModelForCausalLM.from_pretrained(Path(scratch) / name, dtype=torch.float32).eval()
             with torch.no_grad():
                 error = ((model(tokens).logits - reference).norm() / reference.norm()).item()
             results[name] = {
                 "quantize": quantize,
-                "bits_per_weight": llmquant.bits_per_weight(model),
+                "bits_per_weight": stored_bits,
                 "size_bytes": llmquant.model_size_bytes(model),
                 "relative_logit_error": error,
                 **forward_times(model, tokens, args.repeats),
