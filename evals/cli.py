@@ -10,11 +10,8 @@ Bad input raises ``EvalError``, which ``run`` prints as one line and turns into 
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +19,9 @@ from pathlib import Path
 import torch
 
 from . import EvalError
+from .meta import environment
+
+VERSION_KEYS = ("python", "torch", "transformers", "llmquant", "triton", "datasets")
 
 CONFIG_RE = re.compile(r"^int(?P<bits>\d+)-g(?P<group>\d+|all|-1)(?P<sym>-sym|-asym)?(?:-(?P<method>[a-z]+))?$")
 CI_METHOD = (
@@ -183,45 +183,11 @@ def _quant_info(model) -> dict:
     return {k: q.get(k) for k in ("bits", "group_size", "sym", "method")}
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def _command_line(args: argparse.Namespace) -> str:
     argv = getattr(args, "argv", None)  # set by main(); under `llmquant eval`, sys.argv is the command
     if argv is not None:
         return "llmquant eval " + shlex.join(argv)
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-
-
-def _versions() -> dict:
-    import transformers
-
-    import llmquant
-
-    v = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "llmquant": llmquant.__version__,
-    }
-    try:
-        import datasets
-
-        v["datasets"] = datasets.__version__
-    except ImportError:
-        pass
-    return v
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -305,6 +271,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         res = summarize(scored[name], scored[baseline] if baseline else None)
         results.append({**info[name], **res, "window_nll": scored[name].nll})
 
+    env = environment(device)
     meta = {
         "title": args.title or f"{Path(plan[ref_name][0]).resolve().name}, {args.dataset}",
         "dataset": args.dataset,
@@ -332,9 +299,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         if device.type == "cuda"
         else "peak RSS of the whole process (all models loaded) at the end of the model's passes",
         "run_seconds": wall,
-        "versions": _versions(),
-        "git_commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": {k: env[k] for k in VERSION_KEYS if k in env},
+        "git_commit": env["git_commit"],
+        "date": env["date"],
         "command": _command_line(args),
     }
     if args.compare_bare_loop:  # harness alone vs bare forward passes, first model, same windows
