@@ -159,3 +159,17 @@ def test_parse_size(size, expected):
     from llmquant.checkpoint import parse_size
 
     assert parse_size(size) == expected
+
+
+def test_sharded_source_gives_the_same_checkpoint(stories_dir, tmp_path):
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(stories_dir).save_pretrained(sharded, max_shard_size="200KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        shutil.copy(stories_dir / name, sharded)
+    for src, out in ((stories_dir, "single"), (sharded, "from-shards")):
+        assert run_cli("quantize", src, "-o", tmp_path / out, "--bits", 4, "--group-size", 64, "--quiet") == 0
+    single = AutoModelForCausalLM.from_pretrained(tmp_path / "single").state_dict()
+    from_shards = AutoModelForCausalLM.from_pretrained(tmp_path / "from-shards").state_dict()
+    assert single.keys() == from_shards.keys()
+    assert all(torch.equal(single[key], from_shards[key]) for key in single)
