@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -92,10 +93,7 @@ class QuantLinear(nn.Module):
     def _dequantize_kn(self, dtype: torch.dtype) -> torch.Tensor:
         """W^T [K, N] from the K-major packed words, without a transpose copy of the codes."""
         bits, k, n = self.bits, self.in_features, self.out_features
-        per_word = values_per_word(bits)
-        shifts = torch.arange(0, bits * per_word, bits, dtype=torch.int32, device=self.qweight.device)
-        codes = (self.qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << bits) - 1)
-        codes = codes.view(-1, n)  # [rows * V, N]
+        codes = self._codes_kn()  # [rows * V, N]
         group = k if self.group_size == -1 else self.group_size
         groups = self.scales.shape[0]
         padded_k = groups * group
@@ -105,6 +103,19 @@ class QuantLinear(nn.Module):
         zero = (1 << (bits - 1)) if self.qzeros is None else self.qzeros.to(dtype).unsqueeze(1)
         weight = codes.sub_(zero).mul_(self.scales.to(dtype).unsqueeze(1))  # in place on the fresh copy
         return weight.view(padded_k, n)[:k]
+
+    def _codes_kn(self) -> torch.Tensor:
+        """Unsigned codes [rows * V, N] (K-padded), code k of column n at row k."""
+        bits, n = self.bits, self.out_features
+        rows = self.qweight.shape[0]
+        if bits == 8 and sys.byteorder == "little":
+            # Byte j of a little-endian word is code j: reading bytes beats shifting int32 words
+            # (~1.5x for the whole dequantization on CPU; for 4 bits, nibble splitting does not pay).
+            return self.qweight.view(torch.uint8).view(rows, n, 4).permute(0, 2, 1).reshape(rows * 4, n)
+        per_word = values_per_word(bits)
+        shifts = torch.arange(0, bits * per_word, bits, dtype=torch.int32, device=self.qweight.device)
+        codes = (self.qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << bits) - 1)
+        return codes.view(-1, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_triton(x):
