@@ -22,7 +22,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .convert import linear_layers
+from .convert import linear_layers, modules_to_skip
 from .kernels.pack import packed_rows
 from .modelcard import write_model_card
 from .quantize import num_groups, quantize_weight
@@ -153,10 +153,7 @@ def quantizable_weights(src: Path, config: QuantConfig) -> tuple[dict[str, str],
     except Exception as error:
         raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
     layers = linear_layers(model, config)
-    skip = config.modules_to_not_convert
-    if skip is None:
-        skip = [name for name, module in model.named_modules() if module is model.get_output_embeddings()]
-    return {f"{name}.weight": name for name, _ in layers}, skip
+    return {f"{name}.weight": name for name, _ in layers}, modules_to_skip(model, config)
 
 
 def tensor_specs(files: list[Path]) -> list[TensorSpec]:
@@ -165,10 +162,10 @@ def tensor_specs(files: list[Path]) -> list[TensorSpec]:
     for path in files:
         if path.suffix == ".safetensors":
             try:
-                handle = safe_open(str(path), framework="pt")
-                for name in handle.keys():
-                    view = handle.get_slice(name)
-                    specs.append(TensorSpec(name, DTYPES[view.get_dtype()], tuple(view.get_shape())))
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in handle.keys():
+                        view = handle.get_slice(name)
+                        specs.append(TensorSpec(name, DTYPES[view.get_dtype()], tuple(view.get_shape())))
             except KeyError as error:
                 raise CheckpointError(f"{path}: unsupported tensor dtype {error}") from None
             except Exception as error:  # SafetensorError and OSError: truncated or not safetensors
