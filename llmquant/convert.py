@@ -78,3 +78,23 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True) -> n
             ),
         )
     return model
+
+
+@torch.no_grad()
+def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every QuantLinear by an nn.Linear holding its dequantized weight (in `dtype`,
+    default the scales' dtype), in place. Returns the model."""
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+        weight = module.dequantize(dtype)
+        linear = nn.Linear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        linear.weight.copy_(weight)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+        _set_module(model, name, linear)
+    return model

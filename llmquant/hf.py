@@ -22,7 +22,7 @@ from transformers.quantizers.auto import (
 )
 
 from .config import QUANT_METHOD, QuantConfig
-from .convert import modules_to_skip, quantize_, replace_with_empty_quant_linear
+from .convert import dequantize_, modules_to_skip, quantize_, replace_with_empty_quant_linear
 
 
 class LlmquantHfQuantizer(HfQuantizer):
@@ -58,6 +58,9 @@ class LlmquantHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             quantize_(model, self.quantization_config, progress=False)
         return model
+
+    def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
+        return dequantize_(model, dtype)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

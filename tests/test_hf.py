@@ -112,3 +112,13 @@ def test_callers_config_is_not_modified(stories_dir):
     model = AutoModelForCausalLM.from_pretrained(stories_dir, quantization_config=config)
     assert config.modules_to_not_convert is None
     assert model.config.quantization_config.modules_to_not_convert == ["lm_head"]
+
+
+def test_dequantize_gives_plain_linears_with_the_same_logits(stories_dir, tokens):
+    model = quantized(stories_dir, bits=4, group_size=32)
+    with torch.no_grad():
+        expected = model(tokens).logits
+        plain = model.dequantize()
+        assert not any(isinstance(m, QuantLinear) for m in plain.modules())
+        assert not hasattr(plain.config, "quantization_config")
+        assert torch.allclose(plain(tokens).logits, expected, rtol=1e-5, atol=1e-5)
