@@ -22,10 +22,7 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 
 
 def _offline() -> bool:
-    return any(
-        os.environ.get(k, "").lower() in ("1", "true", "yes")
-        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _column_text(ds, field: str, source: str) -> str:
@@ -123,9 +120,7 @@ class Window:
         return self.end - self.first_target
 
 
-def make_windows(
-    n_tokens: int, seqlen: int, stride: int | None = None, max_windows: int | None = None
-) -> list[Window]:
+def make_windows(n_tokens: int, seqlen: int, stride: int | None = None, max_windows: int | None = None) -> list[Window]:
     """Scoring windows over a stream of ``n_tokens`` tokens.
 
     Without ``stride``: ``n_tokens // seqlen`` disjoint windows, each scoring ``seqlen - 1``

@@ -13,6 +13,7 @@ from pathlib import Path
 
 COLUMNS = (
     "model",
+    "method",
     "bits/w",
     "size MB",
     "ppl",
@@ -35,14 +36,11 @@ def rows(payload: dict) -> list[list[str]]:
     out = []
     for m in payload["models"]:
         ci = m.get("delta_ppl_ci95")
-        delta = (
-            "–"
-            if "delta_ppl" not in m
-            else f"{m['delta_ppl']:+.4f} [{_fmt(ci[0], '+.4f')}, {_fmt(ci[1], '+.4f')}]"
-        )
+        delta = "–" if "delta_ppl" not in m else f"{m['delta_ppl']:+.4f} [{_fmt(ci[0], '+.4f')}, {_fmt(ci[1], '+.4f')}]"
         out.append(
             [
                 m["name"] + (" (baseline)" if m.get("baseline") and m["name"] != "baseline" else ""),
+                m.get("method") or "–",
                 _fmt(m.get("bits_per_weight"), ".3f"),
                 _fmt(m["model_size_bytes"] / 2**20, ".1f"),
                 f"{m['ppl']:.4f}",
@@ -74,9 +72,7 @@ def table(payload: dict) -> str:
     widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(COLUMNS)]
 
     def line(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned
-        return "  ".join(
-            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
     return "\n".join([describe(payload["meta"]), line(COLUMNS), *map(line, body)])
 
@@ -134,9 +130,10 @@ def plot(payload: dict, path: Path) -> None:
                 capsize=3,
                 label=f"{m['name']}: {m['ppl']:.3f}",
             )
-            ax.annotate(
-                m["name"], (m["bits_per_weight"], m["ppl"]), textcoords="offset points", xytext=(5, 5)
-            )
+            ax.annotate(m["name"], (m["bits_per_weight"], m["ppl"]), textcoords="offset points", xytext=(5, 5))
+    ppls = [m["ppl"] for m in payload["models"]]
+    if max(ppls) > 3 * min(ppls):  # one collapsed config would squash the rest onto the baseline
+        ax.set_yscale("log")
     ax.set_xlabel("bits per weight (quantized layers)")
     ax.set_ylabel("perplexity")
     ax.set_title(payload["meta"]["title"] + "\n" + describe(payload["meta"]), fontsize=8)
@@ -174,8 +171,32 @@ def _nan_to_none(x):
 def write_report(payload: dict, prefix: Path, notes: list[str] | None = None) -> list[Path]:
     """``PREFIX.json``, ``PREFIX.md`` and ``PREFIX.png``; returns the paths."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
+    if notes is not None:  # kept in the JSON so the Markdown can be re-rendered from it
+        payload["meta"]["notes"] = list(notes)
+    notes = payload["meta"].get("notes", [])
     paths = [prefix.with_name(prefix.name + ext) for ext in (".json", ".md", ".png")]
     write_json(payload, paths[0])
     paths[1].write_text(markdown(payload, notes))
     plot(payload, paths[2])
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render ``PREFIX.md`` and ``PREFIX.png`` from ``PREFIX.json`` (e.g. after a report format change)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m llmquant.evals.report", description=main.__doc__)
+    p.add_argument("json", type=Path)
+    p.add_argument("--note", action="append", default=None, help="replace the stored notes")
+    args = p.parse_args(argv)
+    payload = json.loads(args.json.read_text())
+    if args.note is not None:
+        payload["meta"]["notes"] = args.note
+    prefix = args.json.with_suffix("")
+    for path in write_report(payload, prefix, payload["meta"].get("notes")):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
