@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+import llmquant
+
 from .meta import RESULTS, console_table, environment, require_cuda, write_results
 
 LLAMA2_7B = dict(
@@ -112,10 +114,6 @@ def prefill_ms(model, tokens: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
 def measure(model, name: str, args) -> dict:
     torch.cuda.reset_peak_memory_stats()
     prefill = prefill_ms(model, args.prefill_tokens)
@@ -126,7 +124,7 @@ def measure(model, name: str, args) -> dict:
         "decode_ms_per_token": 1e3 / rate,
         "prefill_ms": prefill,
         "prefill_tok_s": args.prefill_tokens / prefill * 1e3,
-        "weight_bytes": model_bytes(model),
+        "weight_bytes": llmquant.model_size_bytes(model),
         "peak_alloc_bytes": torch.cuda.max_memory_allocated(),
     }
 
@@ -155,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown (%(default)s)")
     args = parser.parse_args(argv)
     require_cuda("bench_e2e")
-    import llmquant
 
     env = environment()
     print(", ".join(f"{k} {v}" for k, v in env.items()), flush=True)

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from . import EvalError
-from .cli import load_model, load_tokenizer, resolve_device
+from .cli import load_model, load_tokenizer, resolve_device, resolve_dtype
 from .data import load_text, make_windows, tokenize
 from .perplexity import compare_bare_loop
 
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device)
-        dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
+        dtype = resolve_dtype(args.dtype, device)
         tok = load_tokenizer(args.model)
         if tok is None:
             raise EvalError(f"no tokenizer in {args.model}")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from llmquant.errors import first_line
+
 from . import EvalError
 from .meta import environment
 
@@ -126,6 +128,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: as asked, else float32 on CPU (fp16 matmuls are slow there), float16 on GPU."""
+    return getattr(torch, name or ("float32" if device.type == "cpu" else "float16"))
+
+
 def load_model(path: str, dtype: torch.dtype, device: torch.device, qconfig=None):
     """Causal LM from a folder (quantized on load when ``qconfig``), eval mode, on ``device``."""
     from transformers import AutoModelForCausalLM
@@ -139,7 +146,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, qconfig=None
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)
     except Exception as e:  # anything from config parsing to missing shards: one line
-        raise EvalError(f"cannot load model from {path}: {type(e).__name__}: {_first_line(e)}") from None
+        raise EvalError(f"cannot load model from {path}: {type(e).__name__}: {first_line(e)}") from None
     if loading.get("missing_keys"):  # randomly initialised weights would score, silently, as garbage
         missing = sorted(loading["missing_keys"])
         raise EvalError(f"cannot load model from {path}: {len(missing)} weights missing, e.g. {missing[0]}")
@@ -170,10 +177,6 @@ def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:
         raise EvalError(f"tokenizers of {name_a} and {name_b} differ: {'; '.join(diff)}; refusing to compare")
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
-
-
 def _quant_info(model) -> dict:
     """bits/group/sym/method of a (possibly) quantized model, from its config."""
     q = getattr(model.config, "quantization_config", None)
@@ -198,7 +201,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     from .perplexity import compare_bare_loop, score, summarize
 
     device = resolve_device(args.device)
-    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
+    dtype = resolve_dtype(args.dtype, device)
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be at least 1, got {args.batch_size}")
     configs = parse_configs(args.configs) if args.configs else []

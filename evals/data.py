@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from llmquant.errors import first_line
+
 from . import EvalError
 
 # Short names for the datasets of published tables: (hub path, config name, default split).
@@ -65,7 +67,7 @@ def _load_local(path: Path, text_field: str) -> str:
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for malformed files
-        raise EvalError(f"cannot read {path}: {type(e).__name__}: {_first_line(e)}") from None
+        raise EvalError(f"cannot read {path}: {type(e).__name__}: {first_line(e)}") from None
     return _column_text(ds, text_field, str(path))
 
 
@@ -82,12 +84,8 @@ def _load_hub(hub: str, config: str | None, split: str, text_field: str, name: s
     try:
         ds = datasets.load_dataset(hub, config, split=split)
     except Exception as e:
-        raise EvalError(f"{hint}; datasets said: {type(e).__name__}: {_first_line(e)}") from None
+        raise EvalError(f"{hint}; datasets said: {type(e).__name__}: {first_line(e)}") from None
     return _column_text(ds, text_field, name)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def tokenize(tokenizer, text: str, add_bos: bool = False) -> torch.Tensor:

@@ -4,12 +4,22 @@
 tested against, and `triton_matmul` holds the fused dequant-matmul Triton kernels.
 """
 
-from .pack import SUPPORTED_BITS, pack_codes, packed_rows, unpack_codes, values_per_word
+from .pack import (
+    SUPPORTED_BITS,
+    effective_group_size,
+    num_groups,
+    pack_codes,
+    packed_rows,
+    unpack_codes,
+    values_per_word,
+)
 from .reference import dequantize, reference_linear
 
 __all__ = [
     "SUPPORTED_BITS",
     "dequantize",
+    "effective_group_size",
+    "num_groups",
     "pack_codes",
     "packed_rows",
     "reference_linear",

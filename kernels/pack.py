@@ -30,6 +30,17 @@ def packed_rows(in_features: int, bits: int) -> int:
     return (in_features + per_word - 1) // per_word
 
 
+def effective_group_size(group_size: int, in_features: int) -> int:
+    """group_size -1 means one group spanning the whole row."""
+    return in_features if group_size == -1 else group_size
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Groups per row, G = ceil(K / group_size); the last one may be shorter."""
+    group = effective_group_size(group_size, in_features)
+    return (in_features + group - 1) // group
+
+
 def _shifts(bits: int, device: torch.device) -> torch.Tensor:
     return torch.arange(values_per_word(bits), device=device, dtype=torch.int64) * bits
 

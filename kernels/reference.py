@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .pack import unpack_codes
-
-
-def effective_group_size(group_size: int, in_features: int) -> int:
-    """group_size -1 means one group spanning the whole row."""
-    return in_features if group_size == -1 else group_size
+from .pack import effective_group_size, unpack_codes
 
 
 def dequantize(

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pack import SUPPORTED_BITS
+from .pack import SUPPORTED_BITS, effective_group_size, num_groups, packed_rows
 
 SMALL_M = 16  # M <= SMALL_M takes the decode (split-K) regime
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -429,15 +429,12 @@ def _check(x, qweight, scales, qzeros, bias, bits, group_size) -> None:
             f"{getattr(qweight, 'dtype', type(qweight))} of shape {tuple(getattr(qweight, 'shape', ()))}"
         )
     k = x.shape[-1]
-    per_word = 32 // bits
     rows, n = qweight.shape
-    if rows != (k + per_word - 1) // per_word:
+    if rows != packed_rows(k, bits):
         raise ValueError(
-            f"qweight has {rows} packed rows but x has K={k} inputs, which at {bits} bits need "
-            f"{(k + per_word - 1) // per_word}"
+            f"qweight has {rows} packed rows but x has K={k} inputs, which at {bits} bits need {packed_rows(k, bits)}"
         )
-    group = k if group_size == -1 else group_size
-    n_groups = (k + group - 1) // group
+    n_groups = num_groups(k, group_size)
     if not isinstance(scales, torch.Tensor) or scales.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"scales must be a float16/bfloat16/float32 tensor, got {getattr(scales, 'dtype', None)}")
     if tuple(scales.shape) != (n_groups, n):
@@ -473,7 +470,7 @@ def _quant_matmul_2d(
     """x2d [M, K] -> [M, N] in x2d.dtype; inputs already validated. `config` forces a launch config."""
     m, k = x2d.shape
     n = qweight.shape[1]
-    group = k if group_size == -1 else group_size
+    group = effective_group_size(group_size, k)
     qweight, scales = qweight.contiguous(), scales.contiguous()
     qzeros = qzeros.contiguous() if qzeros is not None else None
     bias = bias.contiguous() if bias is not None else None

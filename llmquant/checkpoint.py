@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .convert import linear_layers, modules_to_skip
-from .kernels.pack import packed_rows
+from .errors import first_line
+from .kernels.pack import num_groups, packed_rows
 from .modelcard import write_model_card
-from .quantize import num_groups, quantize_weight
+from .quantize import quantize_weight
 from .shards import DTYPES, ShardedWriter, TensorSpec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -81,9 +82,8 @@ def resolve_source(src: str) -> Path:
     try:
         return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as error:  # the Hub client raises many types; all mean "could not get it"
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"source {src!r} is not a local folder and could not be fetched from the Hub: {first_line}"
+            f"source {src!r} is not a local folder and could not be fetched from the Hub: {first_line(error)}"
         ) from None
 
 

@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .errors import first_line
+
 EXIT_BAD_INPUT = 2
 
 
@@ -97,8 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return eval_cli.run(args)
     except (ValueError, OSError) as error:  # bad input: one line, no traceback
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"llmquant {args.command}: error: {message}", file=sys.stderr)
+        print(f"llmquant {args.command}: error: {first_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("llmquant: interrupted", file=sys.stderr)

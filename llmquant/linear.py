@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.pack import packed_rows, values_per_word
-from .quantize import num_groups, quantize_weight
+from .kernels.pack import effective_group_size, num_groups, packed_rows, values_per_word
+from .quantize import quantize_weight
 
 KERNEL_ENV = "LLMQUANT_KERNEL"
 
@@ -94,7 +94,7 @@ class QuantLinear(nn.Module):
         """W^T [K, N] from the K-major packed words, without a transpose copy of the codes."""
         bits, k, n = self.bits, self.in_features, self.out_features
         codes = self._codes_kn()  # [rows * V, N]
-        group = k if self.group_size == -1 else self.group_size
+        group = effective_group_size(self.group_size, k)
         groups = self.scales.shape[0]
         padded_k = groups * group
         if codes.shape[0] < padded_k:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.pack import SUPPORTED_BITS, pack_codes
+from .kernels.pack import SUPPORTED_BITS, effective_group_size, num_groups, pack_codes
 
 
 @dataclass
@@ -32,15 +32,10 @@ class QuantizedWeight:
     zeros: torch.Tensor | None
 
 
-def num_groups(in_features: int, group_size: int) -> int:
-    """G = ceil(K / group_size); 1 for group_size -1."""
-    return 1 if group_size == -1 else -(-in_features // group_size)
-
-
 def _grouped(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] -> ([N, G, group] padded with zeros, [N, G, group] bool mask of real columns)."""
     n, k = weight.shape
-    group = k if group_size == -1 else group_size
+    group = effective_group_size(group_size, k)
     groups = num_groups(k, group_size)
     padded = weight.new_zeros(n, groups * group)
     padded[:, :k] = weight
