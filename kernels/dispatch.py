@@ -263,8 +263,8 @@ def forward_prepared(x, prep: Prepared, qweight, scales, qzeros, bias) -> torch.
     config comes from prep.configs after the first call of an (M key, dtype), and one route runs
     (decode: one launch)."""
     if x.dtype not in _FLOAT_DTYPES or x.shape[-1] != prep.k or x.device != qweight.device:
-        _check(x, qweight, scales, qzeros, bias, prep.bits, prep.group)  # names the problem
-        raise ValueError(f"x {tuple(x.shape)} {x.dtype} on {x.device} does not fit this layer")
+        _check(x, qweight, scales, qzeros, bias, prep.bits, prep.group)  # names most problems
+        raise ValueError(f"x has K={x.shape[-1]} inputs but the layer has in_features={prep.k}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, prep.k)
     if not x2d.is_contiguous():

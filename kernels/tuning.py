@@ -73,15 +73,16 @@ def _words_rows(block_k: int, bits: int) -> int:
 def smem_bytes(cfg: KernelConfig, bits: int, elt: int = 2) -> int:
     """Conservative estimate of the shared memory a config needs (elt: activation bytes).
 
-    tl.dot routes (``gemm``): Triton pipelines the global loads of every step num_stages deep (x
-    tile [BM, BK] and packed words), and stages the dequantized [BK, BN] operand once; the
-    epilogue may reuse the buffers for a layout change of the fp32 accumulator. ``gemv`` and
+    tl.dot routes (``gemm``): Triton keeps num_stages buffers of every pipelined global load (x
+    tile [BM, BK] and packed words; the H100 failure of 233,472 bytes was 3 x (8 KB + 64 KB) plus
+    12 KB, for BM 64, BN 256, BK 64 at 3 bits), and stages the dequantized [BK, BN] operand once;
+    the epilogue may reuse the buffers for a layout change of the fp32 accumulator. ``gemv`` and
     ``dequant`` use shared memory only for cross-warp reductions and layout changes.
     """
     words = _words_rows(cfg.block_k, bits) * cfg.block_n * 4
     if cfg.route == "gemm":
         per_stage = cfg.block_m * cfg.block_k * elt + words + cfg.block_n * (4 + 1)
-        staged = max(cfg.num_stages - 1, 1) * per_stage + cfg.block_k * cfg.block_n * elt
+        staged = max(cfg.num_stages, 1) * per_stage + cfg.block_k * cfg.block_n * elt
         return max(staged, cfg.block_m * cfg.block_n * 4)
     return cfg.block_m * cfg.block_n * 4 * cfg.num_warps + words
 

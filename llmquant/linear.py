@@ -119,12 +119,29 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_triton(x):
-            from .kernels.triton_matmul import quant_matmul
-
-            return quant_matmul(x, self.qweight, self.scales, self.qzeros, self.bias, self.bits, self.group_size)
+            return self._forward_triton(x)
         weight = self._dequantize_kn(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight.t(), bias)
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): y [..., N] in x.dtype.
+
+        Under torch.compile: the `llmquant::quant_matmul` custom op (traceable, fullgraph=True).
+        Eager: a direct launch; the weights are validated once (again only if the buffers are
+        replaced, e.g. by `.to()`), and the launch config is cached per (M bucket, dtype) on the module.
+        """
+        from .kernels import dispatch
+
+        if torch.compiler.is_compiling():
+            return dispatch.quant_matmul(x, self.qweight, self.scales, self.qzeros, self.bias, self.bits, self.group_size)
+        prep = self.__dict__.get("_triton_prepared")
+        if prep is None or prep.key != dispatch.weights_key(self.qweight, self.scales, self.qzeros, self.bias):
+            prep = dispatch.prepare(
+                self.qweight, self.scales, self.qzeros, self.bias, self.bits, self.group_size, self.in_features
+            )
+            self.__dict__["_triton_prepared"] = prep
+        return dispatch.forward_prepared(x, prep, self.qweight, self.scales, self.qzeros, self.bias)
 
     def extra_repr(self) -> str:
         group = "all" if self.group_size == -1 else self.group_size
