@@ -133,15 +133,14 @@ class QuantLinear(nn.Module):
         """
         from .kernels import dispatch
 
+        qweight, scales, qzeros, bias = self.qweight, self.scales, self.qzeros, self.bias
         if torch.compiler.is_compiling():
-            return dispatch.quant_matmul(x, self.qweight, self.scales, self.qzeros, self.bias, self.bits, self.group_size)
+            return dispatch.quant_matmul(x, qweight, scales, qzeros, bias, self.bits, self.group_size)
         prep = self.__dict__.get("_triton_prepared")
-        if prep is None or prep.key != dispatch.weights_key(self.qweight, self.scales, self.qzeros, self.bias):
-            prep = dispatch.prepare(
-                self.qweight, self.scales, self.qzeros, self.bias, self.bits, self.group_size, self.in_features
-            )
+        if prep is None or prep.key != dispatch.weights_key(qweight, scales, qzeros, bias):
+            prep = dispatch.prepare(qweight, scales, qzeros, bias, self.bits, self.group_size, self.in_features)
             self.__dict__["_triton_prepared"] = prep
-        return dispatch.forward_prepared(x, prep, self.qweight, self.scales, self.qzeros, self.bias)
+        return dispatch.forward_prepared(x, prep, qweight, scales, qzeros, bias)
 
     def extra_repr(self) -> str:
         group = "all" if self.group_size == -1 else self.group_size

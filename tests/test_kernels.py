@@ -17,9 +17,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from llmquant.kernels import dequantize, pack_codes, reference_linear  # noqa: E402
+from llmquant.kernels import dequantize, gemm, pack_codes, reference_linear, tiles, tuning  # noqa: E402  # noqa: E402
 from llmquant.kernels import dispatch as tm  # noqa: E402
-from llmquant.kernels import gemm, gemv, prefill, tiles, tuning  # noqa: E402
 from llmquant.kernels.tuning import KernelConfig  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
