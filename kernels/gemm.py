@@ -159,7 +159,8 @@ def _splitk_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K,
+    IS_SPLIT: tl.constexpr,
 ):
     """out[M, N] (contiguous) over SPLIT_K K slices of k_per_split (a multiple of BLOCK_K).
     Grid: (cdiv(N, BLOCK_N), SPLIT_K); M <= BLOCK_M."""
@@ -175,7 +176,9 @@ def _splitk_kernel(
         stride_xm, stride_xk, stride_qw, stride_s, stride_z,
         BITS, GROUP, HAS_ZEROS, ONE_GROUP, BLOCK_K, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
-    splitk_finish(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, offs_m, offs_n, pid_n, pid_k, M, N, HAS_BIAS, SPLIT_K)
+    splitk_finish(
+        acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, offs_m, offs_n, pid_n, pid_k, M, N, SPLIT_K, HAS_BIAS, IS_SPLIT
+    )
 
 
 def launch(x2d, qweight, scales, qzeros, bias, bits, group, out, cfg: KernelConfig) -> torch.Tensor:
@@ -207,6 +210,6 @@ def launch(x2d, qweight, scales, qzeros, bias, bits, group, out, cfg: KernelConf
     _splitk_kernel[(n_tiles, split)](
         x2d, qweight, scales, zeros, bias_arg, ws, tiles.counters(x2d.device, n_tiles), out, m, n, k, k_per_split,
         x2d.stride(0), x2d.stride(1), qweight.stride(0), scales.stride(0), zeros.stride(0),
-        SPLIT_K=split, **common,
+        SPLIT_K=split, IS_SPLIT=True, **common,
     )  # fmt: skip
     return out

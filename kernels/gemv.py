@@ -47,7 +47,8 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K,
+    IS_SPLIT: tl.constexpr,
 ):
     """x [M, K] and out [M, N] contiguous; qweight/scales/qzeros contiguous with row stride N.
     Grid: (cdiv(N, BLOCK_N), SPLIT_K); M <= BLOCK_M."""
@@ -98,7 +99,9 @@ def _gemv_kernel(
                 xm = tl.load(x_ptr + m * K + offs_k, mask=k_ok & (offs_k * 0 + m < M), other=0.0).to(tl.float32)
                 part = tl.sum(w * xm[:, None], axis=0)
                 acc = tl.where((offs_m == m)[:, None], acc + part[None, :], acc)
-    splitk_finish(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, offs_m, offs_n, pid_n, pid_k, M, N, HAS_BIAS, SPLIT_K)
+    splitk_finish(
+        acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, offs_m, offs_n, pid_n, pid_k, M, N, SPLIT_K, HAS_BIAS, IS_SPLIT
+    )
 
 
 SUPPORTED = (2, 4, 8)
@@ -120,7 +123,7 @@ def launch(x2d, qweight, scales, qzeros, bias, bits, group, out, cfg: KernelConf
         ws, cnt, out, m, n, k, k_per_split,
         BITS=bits, GROUP=group, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None,
         ONE_GROUP=group % cfg.block_k == 0 or group >= k,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, IS_SPLIT=split > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -88,19 +88,21 @@ def splitk_finish(
     pid_k,
     M,
     N,
+    SPLIT_K,
     HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    IS_SPLIT: tl.constexpr,
 ):
     """Write the output tile from this program's fp32 partial acc [BM, BN] (out: [M, N] contiguous).
 
-    SPLIT_K == 1: add bias, cast, store. Otherwise every program stores its partial into the
+    Not IS_SPLIT (SPLIT_K == 1): add bias, cast, store. Otherwise every program stores its partial into the
     workspace ws [SPLIT_K, M, N] and counts its arrival on the tile's counter; the last of the
     SPLIT_K programs of a tile sums the partials in slice order (deterministic), adds bias,
-    stores, and resets the counter. One launch, no zero-fill, no atomics on data.
+    stores, and resets the counter. One launch, no zero-fill, no atomics on data. SPLIT_K is a
+    run-time value so that split counts share one compiled kernel.
     """
     out_ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tile = offs_m[:, None] * N + offs_n[None, :]
-    if SPLIT_K == 1:
+    if not IS_SPLIT:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
