@@ -44,3 +44,17 @@ def test_tinygemm_anchor_computes_the_same_weight(sym):
     w = dequantize(pack_codes(codes, 4), scales, qzeros, 4, group, k, dtype=torch.float64)
     ref = x.double() @ w.t()
     assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_static_cache_decode_step_matches_generate():
+    """The decode step bench_e2e captures in a CUDA graph (static cache, in-place token and position
+    updates) produces greedy generate's tokens; run eagerly here on a tiny random Llama."""
+    from llmquant.evals.bench_e2e import build_model, static_decode
+
+    torch.manual_seed(0)
+    tiny = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, vocab_size=300)
+    model = build_model(2, device="cpu", **tiny).float()
+    prompt = torch.randint(10, 300, (1, 5))
+    tokens, ms = static_decode(model, prompt, 6, use_graph=False)
+    expected = model.generate(prompt, max_new_tokens=7, do_sample=False, pad_token_id=0)[0, 6:].tolist()
+    assert tokens == expected and ms is None
