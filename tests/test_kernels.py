@@ -395,12 +395,13 @@ def test_gpu_grid_bf16_ragged(poisoned, bits, group_size):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("m", [1, 33])
+@pytest.mark.parametrize("m", [1, 4, 33, 300])
 def test_gpu_every_candidate_config(poisoned, m):
     """Every config the tuner may pick computes the right thing (ragged N and K, both code loaders)."""
     for bits, group_size, sym in ((4, 128, False), (3, 32, True)):
         args = inputs(m, 1000, 1336, bits, group_size, sym, torch.float16)
-        for config in tm.candidate_configs(m, 1000, 1336):
+        _, sms, max_smem = tuning.device_info(torch.cuda.current_device())
+        for config in tuning.candidate_configs(m, 1000, 1336, sms, bits, group_size, max_smem):
             check(*args, bits, group_size, config=config)
 
 
@@ -414,7 +415,7 @@ def test_gpu_tuning_and_cuda_graph_capture(monkeypatch, tmp_path):
     x, qweight, scales, qzeros, bias = inputs(1, 4096, 4096, 4, 128, False, torch.float16)
     tm.quant_matmul(x, qweight, scales, qzeros, bias, 4, 128)  # tune outside the capture
     saved = list(tmp_path.glob("*.json"))
-    assert len(saved) == 1 and "small|m1|n4096|k4096|b4|g128|float16" in saved[0].read_text()
+    assert len(saved) == 1 and "m1|n4096|k4096|b4|g128|z1|float16" in saved[0].read_text()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = tm.quant_matmul(x, qweight, scales, qzeros, bias, 4, 128)
