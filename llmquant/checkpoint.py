@@ -65,8 +65,8 @@ def quantize_checkpoint(
     max_bytes = parse_size(max_shard_size)
     # Every check that can fail runs before the first byte is written.
     source = resolve_source(src)
-    check_output(out, source, overwrite)
     model_config = read_config(source)
+    check_output(out, source, overwrite)
     files = weight_files(source)
     skeleton = quantizable_weights(source, config)
     targets = skeleton.targets

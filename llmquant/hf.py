@@ -23,6 +23,7 @@ from transformers.quantizers.auto import (
 
 from .config import QUANT_METHOD, QuantConfig
 from .convert import dequantize_, modules_to_skip, quantize_, replace_with_empty_quant_linear
+from .verify import check_checkpoint, check_loaded, guard_unknown_quant_method
 
 
 class LlmquantHfQuantizer(HfQuantizer):
@@ -52,11 +53,13 @@ class LlmquantHfQuantizer(HfQuantizer):
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype) if dtype != "auto" else torch.float16
             replace_with_empty_quant_linear(model, config, dtype)
+            check_checkpoint(model, config, kwargs.get("checkpoint_files"))
         model.config.quantization_config = config
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if not self.pre_quantized:
             quantize_(model, self.quantization_config, progress=False)
+        check_loaded(model, self.quantization_config)
         return model
 
     def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
@@ -80,3 +83,4 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(QuantConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(LlmquantHfQuantizer)
+    guard_unknown_quant_method()
