@@ -10,7 +10,6 @@ quantizer with transformers. A process that never loads a transformers model nev
 from __future__ import annotations
 
 import sys
-import warnings
 
 TRIGGER = "transformers.modeling_utils"
 
@@ -29,6 +28,8 @@ class _Finder:
                 break
         else:
             return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):  # noqa: ANN001, ANN202
@@ -48,6 +49,8 @@ def _register() -> None:
     try:
         import llmquant  # noqa: F401  (its import registers the transformers integration)
     except Exception as error:  # a broken install must not break transformers for everyone
+        import warnings
+
         warnings.warn(f"llmquant could not register with transformers: {error}", stacklevel=2)
 
 
