@@ -41,6 +41,9 @@ method `{config.method}`). Kept in floating point: {", ".join(config.modules_to_
 
 ## Load
 
+`pip install llmquant` first: without it, transformers skips the unknown quantization method with
+a warning and leaves the quantized layers randomly initialised.
+
 ```python
 import llmquant  # registers the "llmquant" quantization method with transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
