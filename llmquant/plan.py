@@ -9,6 +9,7 @@ shapes can never drift from what loading expects.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class Skeleton:
     targets: dict[str, str]
     skip: list[str]
     shapes: dict[str, tuple[int, ...]]
+    optional: list[str]
 
 
 def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
@@ -47,7 +49,11 @@ def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
         raise CheckpointError(str(error)) from None
     layers = linear_layers(model, config)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    return Skeleton({f"{name}.weight": name for name, _ in layers}, modules_to_skip(model, config), shapes)
+    # Tensors a checkpoint may lack: tied copies (the head sharing the embedding) and what the
+    # model class itself says may be missing.
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    optional = [re.escape(name) for name in tied] + list(model._keys_to_ignore_on_load_missing or [])
+    return Skeleton({f"{name}.weight": name for name, _ in layers}, modules_to_skip(model, config), shapes, optional)
 
 
 def check_shapes(source: list[TensorSpec], skeleton: Skeleton, config_path: Path) -> None:
@@ -60,10 +66,18 @@ def check_shapes(source: list[TensorSpec], skeleton: Skeleton, config_path: Path
                 f"tensor {spec.name!r} is {list(spec.shape)} in the checkpoint but {config_path} describes "
                 f"{list(expected)}; config.json and the weights disagree"
             )
-    missing = sorted(set(skeleton.targets) - {spec.name for spec in source})
+    names = {spec.name for spec in source}
+    missing = sorted(set(skeleton.targets) - names)
     if missing:
         raise CheckpointError(
             f"{len(missing)} linear weights of the model are not in the checkpoint (first: {missing[0]!r}); "
+            "is the checkpoint complete?"
+        )
+    optional = re.compile("|".join(f"(?:{p})" for p in skeleton.optional)) if skeleton.optional else None
+    missing = sorted(n for n in skeleton.shapes.keys() - names if not (optional and optional.search(n)))
+    if missing:  # loading would initialise them randomly
+        raise CheckpointError(
+            f"{len(missing)} tensors of the model are not in the checkpoint (first: {missing[0]!r}); "
             "is the checkpoint complete?"
         )
 

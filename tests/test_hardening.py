@@ -390,3 +390,13 @@ def test_packing_api_refuses_bad_group_sizes(group_size):
         effective_group_size(group_size, 64)
     with pytest.raises(ValueError, match="group_size"):
         quantize_rtn(torch.randn(4, 64), 4, group_size, sym=False)
+
+
+def test_checkpoint_missing_a_tensor_is_refused(stories_dir, tmp_path, capsys):
+    src = copy_model(stories_dir, tmp_path / "src")
+    state = load_file(src / "model.safetensors")
+    del state["model.layers.1.post_attention_layernorm.weight"]
+    save_file(state, src / "model.safetensors")
+    assert quantize(src, tmp_path / "o") == 2
+    one_line_error(capsys, ["'model.layers.1.post_attention_layernorm.weight'", "not in the checkpoint"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
