@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .linear import QuantLinear
+from .progress import progress_bar
 
 
 def default_skip(model: nn.Module) -> list[str]:
@@ -69,7 +69,7 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True) -> n
     """Quantize `model` in place: every selected nn.Linear becomes a QuantLinear (RTN codes,
     scales in the weight's dtype). Returns the model."""
     layers = linear_layers(model, config)
-    for name, linear in tqdm(layers, desc="quantizing", unit="layer", disable=not progress):
+    for name, linear in progress_bar(layers, enabled=progress, desc="quantizing", unit="layer"):
         _set_module(
             model,
             name,
