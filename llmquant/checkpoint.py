@@ -13,12 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .config import QuantConfig
 from .errors import CheckpointError
 from .modelcard import write_model_card
 from .plan import output_specs, quantizable_weights
+from .progress import progress_bar
 from .publish import copy_side_files, staged_output
 from .quantize import quantize_weight
 from .shards import ShardedWriter, parse_size
@@ -73,7 +72,7 @@ def quantize_checkpoint(
                 "is the checkpoint complete?"
             )
         writer = ShardedWriter(staging, output_specs(source_specs, targets, config), max_bytes)
-        bar = tqdm(total=len(targets), desc="quantizing", unit="layer", disable=not progress)
+        bar = progress_bar(total=len(targets), enabled=progress, desc="quantizing", unit="layer")
         for name, tensor in iter_tensors(files):
             summary.bytes_before += tensor.numel() * tensor.element_size()
             summary.params_total += tensor.numel()
