@@ -203,6 +203,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     import torch
 
     import llmquant
+    from llmquant.stats import checkpoint_dtype
 
     from .data import load_text, make_windows, tokenize
     from .meta import environment
@@ -253,7 +254,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         vocab = models[name].get_output_embeddings().weight.shape[0]
         if len(tokenizer) > vocab:
             raise EvalError(f"tokenizer has {len(tokenizer)} tokens but {path} has an output head of {vocab}")
-        bpw = llmquant.bits_per_weight(models[name])
+        # bits/weight with scales at the checkpoint's dtype, as `llmquant quantize` reports it (stats.py)
+        bpw = llmquant.bits_per_weight(models[name], scale_dtype=checkpoint_dtype(path))
         info[name] = {
             "name": name,
             "path": str(Path(path).resolve()),

@@ -22,6 +22,7 @@ from .publish import copy_side_files, staged_output
 from .quantize import quantize_weight
 from .shards import ShardedWriter, parse_size
 from .source import iter_tensors, read_config, resolve_source, tensor_specs, weight_files
+from .stats import bits_from_bytes
 
 
 @dataclass
@@ -38,8 +39,8 @@ class Summary:
 
     @property
     def bits_per_weight(self) -> float:
-        """Stored bits (codes + scales + zeros) per weight of the quantized layers."""
-        return 8 * self.quantized_bytes / max(self.params_quantized, 1)
+        """Stored bits (codes + scales + zeros) per weight of the quantized layers (llmquant/stats.py)."""
+        return bits_from_bytes(self.quantized_bytes, self.params_quantized)
 
 
 def quantize_checkpoint(
