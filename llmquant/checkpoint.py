@@ -14,16 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .errors import CheckpointError
 from .modelcard import write_model_card
 from .plan import check_shapes, output_specs, quantizable_weights
+from .progress import progress_bar
 from .publish import check_output, copy_side_files, staged_output
 from .quantize import quantize_weight
 from .shards import ShardedWriter, parse_size
 from .source import iter_tensors, read_config, resolve_source, tensor_specs, weight_files
+from .stats import bits_from_bytes
 
 
 @dataclass
@@ -40,8 +41,8 @@ class Summary:
 
     @property
     def bits_per_weight(self) -> float:
-        """Stored bits (codes + scales + zeros) per weight of the quantized layers."""
-        return 8 * self.quantized_bytes / max(self.params_quantized, 1)
+        """Stored bits (codes + scales + zeros) per weight of the quantized layers (llmquant/stats.py)."""
+        return bits_from_bytes(self.quantized_bytes, self.params_quantized)
 
 
 def check_finite_copy(name: str, tensor: torch.Tensor) -> None:
@@ -78,7 +79,7 @@ def quantize_checkpoint(
     summary = Summary()
     with staged_output(out) as staging:
         writer = ShardedWriter(staging, specs, max_bytes)
-        bar = tqdm(total=len(targets), desc="quantizing", unit="layer", disable=not progress)
+        bar = progress_bar(total=len(targets), enabled=progress, desc="quantizing", unit="layer")
         for name, tensor in iter_tensors(files):
             summary.bytes_before += tensor.numel() * tensor.element_size()
             summary.params_total += tensor.numel()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .linear import QuantLinear
+from .progress import progress_bar
 from .quantize import check_finite
 
 
@@ -91,7 +91,7 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True) -> n
             weight = linear.weight
             raise ValueError(f"layer {name!r} has a {weight.dtype} weight on {weight.device}; cannot quantize it")
         check_finite(linear.weight, f"{name}.weight")
-    for name, linear in tqdm(layers, desc="quantizing", unit="layer", disable=not progress):
+    for name, linear in progress_bar(layers, enabled=progress, desc="quantizing", unit="layer"):
         _set_module(
             model,
             name,
