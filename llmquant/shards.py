@@ -10,6 +10,7 @@ way (`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`).
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,11 @@ class ShardedWriter:
     """Writes the planned tensors into `folder`, in plan order, one `write` call per tensor."""
 
     def __init__(self, folder: Path, specs: list[TensorSpec], max_bytes: int) -> None:
+        seen: set[str] = set()
+        for spec in specs:  # two entries of one name would make an unreadable header (or a lost tensor)
+            if spec.name in seen:
+                raise ValueError(f"tensor {spec.name!r} is planned twice; a checkpoint holds each name once")
+            seen.add(spec.name)
         self.folder = folder
         self.shards = plan_shards(specs, max_bytes)
         count = len(self.shards)
@@ -128,3 +134,15 @@ class ShardedWriter:
             }
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max shard size {size!r} is not a size like '2GB' or '500MB'")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
