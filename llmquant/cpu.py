@@ -31,15 +31,18 @@ import torch
 
 from .kernels.pack import effective_group_size, unpack_codes
 
-# Rows (tokens) up to which the int4 kernel beats dequantize + GEMM (measured by evals/bench_cpu.py).
+# Rows (tokens) up to which the int4 kernel beat dequantize + GEMM on SmolLM2 shapes here (1 thread,
+# busy machine: int4 ~2x faster at 16-32 rows, even at 64; 8 bits, two GEMMs, even at ~16-32).
 DECODE_MAX_ROWS_ENV = "LLMQUANT_CPU_DECODE_ROWS"
-DECODE_MAX_ROWS = 16
+DECODE_MAX_ROWS = {2: 32, 3: 32, 4: 32, 8: 16}
 TINYGEMM_GROUPS = (256, 128, 64, 32)
 INNER_K_TILES = 2
 
 
-def decode_max_rows() -> int:
-    return int(os.environ.get(DECODE_MAX_ROWS_ENV, DECODE_MAX_ROWS))
+def decode_max_rows(bits: int) -> int:
+    """Most rows sent to the int4 kernel; LLMQUANT_CPU_DECODE_ROWS overrides (0: always dequantize)."""
+    override = os.environ.get(DECODE_MAX_ROWS_ENV)
+    return int(override) if override else DECODE_MAX_ROWS[bits]
 
 
 def tinygemm_group(group_size: int, in_features: int, out_features: int, bits: int) -> int | None:

@@ -159,7 +159,7 @@ class QuantLinear(nn.Module):
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
         """Few rows (decode): the int4 CPU kernel on the repacked codes; many rows: dequantize + GEMM."""
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= cpu.decode_max_rows() and x.dtype != torch.float64 and self.prepare_cpu():
+        if rows <= cpu.decode_max_rows(self.bits) and x.dtype != torch.float64 and self.prepare_cpu():
             return cpu.int4_linear(
                 x, self.cpu_packed, self.cpu_scales_zeros, self._cpu_group, self.out_features, self.bias
             )

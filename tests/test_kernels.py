@@ -436,6 +436,7 @@ def test_whole_model_triton_path_equals_torch_path(stories_dir, monkeypatch, bit
     tokens = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(bits)).to(DEVICE)
     with torch.no_grad():
         monkeypatch.setenv("LLMQUANT_KERNEL", "torch")
+        monkeypatch.setenv("LLMQUANT_CPU_DECODE_ROWS", "0")  # the exact float path, not the bf16 CPU kernel
         expected = model(tokens).logits
         monkeypatch.setenv("LLMQUANT_KERNEL", "triton")
         logits = model(tokens).logits

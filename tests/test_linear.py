@@ -77,12 +77,12 @@ def test_cpu_prefill_and_dtypes(dtype, monkeypatch):
     monkeypatch.setenv("LLMQUANT_KERNEL", "torch")
     torch.manual_seed(3)
     module = QuantLinear.from_linear(nn.Linear(576, 64, bias=False), 4, 128, False)
-    for rows in (1, 40):  # 40 rows > the decode limit: dequantize + GEMM, exact in float32
+    for rows in (1, 40):  # 40 rows > the decode limit (32): dequantize + GEMM, exact in float32
         x = torch.randn(1, rows, 576).to(dtype)
         y = module(x)
         assert y.dtype == dtype and y.shape == (1, rows, 64)
         expected = reference_linear(x, module.qweight, module.scales, module.qzeros, None, 4, 128)
-        tol = 1e-5 if (dtype == torch.float32 and rows > 16) else 1e-2
+        tol = 1e-5 if (dtype == torch.float32 and rows > 32) else 1e-2
         assert (y.double() - expected).abs().max().item() < tol * expected.abs().max().item()
 
 
