@@ -24,6 +24,8 @@ COLUMNS = (
     "s",
     "tok/s",
     "peak MB",
+    "quant s",
+    "quant MB",
 )
 
 
@@ -51,6 +53,8 @@ def rows(payload: dict) -> list[list[str]]:
                 f"{m['seconds']:.1f}",
                 _fmt(m.get("tokens_per_s"), ".0f"),
                 _fmt(m["peak_memory_bytes"] / 2**20, ".0f"),
+                _fmt(m.get("quant_seconds"), ".1f"),
+                _fmt(m["quant_peak_bytes"] / 2**20 if "quant_peak_bytes" in m else None, ".0f"),
             ]
         )
     return out
@@ -103,7 +107,12 @@ def markdown(payload: dict, notes: list[str] | None = None) -> str:
         "- bits/w: stored bits per weight of the quantized linear layers (codes + scales + zeros; "
         "embeddings and lm_head stay in floating point); for the baseline, the bits of the dtype it ran in. "
         "size: all parameters and buffers as loaded. s, tok/s: each model's own forward + lm_head time; "
-        "peak MB: " + meta["peak_memory_kind"] + ".",
+        "peak MB: " + meta["peak_memory_kind"] + ". quant s: seconds of `llmquant.quantize_` on the loaded "
+        "float model (calibrated methods include the calibration forward passes); quant MB: peak memory above "
+        "the loaded model during it ("
+        + meta.get("quant_peak_kind", "resident memory, sampled")
+        + ")."
+        + (f" Calibration: {meta['calibration']}." if meta.get("calibration") else ""),
         f"- Command: `{meta['command']}`",
         f"- Versions: {versions}; git commit {meta['git_commit'] or 'none'}; {meta['date']}.",
     ]

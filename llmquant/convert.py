@@ -65,9 +65,20 @@ def replace_with_empty_quant_linear(model: nn.Module, config: QuantConfig, dtype
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True) -> nn.Module:
-    """Quantize `model` in place: every selected nn.Linear becomes a QuantLinear (RTN codes,
-    scales in the weight's dtype). Returns the model."""
+def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, calibration=None) -> nn.Module:
+    """Quantize `model` in place: every selected nn.Linear becomes a QuantLinear (codes chosen
+    by config.method, scales in the weight's dtype). Returns the model.
+
+    Calibrated methods ("gptq", "clip") need `calibration`: a `llmquant.CalibrationSet`
+    (`llmquant.load_calibration(tokenizer)`) or token ids [S, T] int64; they run block by
+    block (see `llmquant.sequential`) and record the calibration in model.config.
+    """
+    from .methods import get_method
+
+    if get_method(config.method).calibrated:
+        from .sequential import quantize_calibrated_
+
+        return quantize_calibrated_(model, config, calibration, progress)
     layers = linear_layers(model, config)
     for name, linear in tqdm(layers, desc="quantizing", unit="layer", disable=not progress):
         _set_module(
