@@ -99,11 +99,13 @@ def quantize_blocks(
     tokens: torch.Tensor,
     device: torch.device | None = None,
     progress: bool = True,
+    scale_dtype: torch.dtype | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize every selected linear of `model` with config.method on calibration tokens [S, T].
 
     The linears' weights are replaced in place by their dequantized values (the model stays
-    made of nn.Linear); returns {module name: QuantizedWeight} with scales in each weight's dtype.
+    made of nn.Linear); returns {module name: QuantizedWeight} with scales in scale_dtype
+    (default: each weight's dtype; a checkpoint writer passes the source dtype).
     """
     method = get_method(config.method)
     device = device or compute_device()
@@ -134,7 +136,13 @@ def quantize_blocks(
             full = f"{prefix}.{index}.{names[module]}"
             weight = module.weight
             q = method.quantize(
-                weight.detach(), cache["h"], config.bits, config.group_size, config.sym, weight.dtype, f"{full}.weight"
+                weight.detach(),
+                cache["h"],
+                config.bits,
+                config.group_size,
+                config.sym,
+                scale_dtype or weight.dtype,
+                f"{full}.weight",
             )
             results[full] = q
             # later linears of the block see this one's quantized output
