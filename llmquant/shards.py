@@ -10,6 +10,7 @@ way (`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`).
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,3 +129,15 @@ class ShardedWriter:
             }
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max shard size {size!r} is not a size like '2GB' or '500MB'")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
