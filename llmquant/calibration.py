@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import first_line
+
+if TYPE_CHECKING:  # torch is imported lazily: the CLI builds its parser from this module
+    import torch
 
 # The C4 sample beside the project (../shared/data, the path the tests use).
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "c4-calibration-sample.txt"
@@ -93,6 +95,8 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, sou
             f"calibration data {source!r} has {ids.numel():,} tokens, fewer than nsamples x calib-seqlen = "
             f"{nsamples} x {seqlen} = {needed:,}; lower --nsamples or --calib-seqlen, or give more text"
         )
+    import torch
+
     windows = ids.numel() // seqlen
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randperm(windows, generator=generator)[:nsamples].sort().values * seqlen
@@ -108,6 +112,8 @@ def load_calibration(
     text_field: str = "text",
 ) -> CalibrationSet:
     """Token samples [nsamples, seqlen] for calibration from `source` (default: the C4 sample)."""
+    import torch
+
     source = str(DEFAULT_CALIBRATION if source is None else source)
     text = load_text(source, text_field)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
@@ -137,3 +143,13 @@ def add_arguments(parser) -> None:
 def from_arguments(tokenizer, args) -> CalibrationSet:
     """`load_calibration` with the flags of `add_arguments`."""
     return load_calibration(tokenizer, args.calib, args.nsamples, args.calib_seqlen, args.seed)
+
+
+def load_tokenizer(src: str | Path):
+    """The tokenizer of a model folder or Hub id (CalibrationError if it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception as error:
+        raise CalibrationError(f"{src}: calibrated methods need the model's tokenizer: {first_line(error)}") from None

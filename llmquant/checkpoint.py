@@ -15,8 +15,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .calibrated_checkpoint import precompute_packed
 from .config import QuantConfig
 from .errors import CheckpointError
+from .methods import get_method
 from .modelcard import write_model_card
 from .plan import output_specs, quantizable_weights
 from .publish import copy_side_files, staged_output
@@ -50,8 +52,13 @@ def quantize_checkpoint(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    calibration=None,
 ) -> Summary:
-    """Quantize the checkpoint at `src` (folder or Hub id) into the folder `out`."""
+    """Quantize the checkpoint at `src` (folder or Hub id) into the folder `out`.
+
+    Calibrated methods (gptq, clip) compute every packed tensor first from the float model on
+    CPU (`calibrated_checkpoint.py`; `calibration`: a CalibrationSet, default the C4 sample);
+    the loop below then writes those instead of quantizing."""
     start = time.perf_counter()
     out = Path(out).expanduser()
     max_bytes = parse_size(max_shard_size)
@@ -72,6 +79,11 @@ def quantize_checkpoint(
                 f"{len(missing)} linear weights of the model are not in the checkpoint (first: {missing[0]!r}); "
                 "is the checkpoint complete?"
             )
+        precomputed = {}
+        if get_method(config.method).calibrated:
+            scale_dtype = next(spec.dtype for spec in source_specs if spec.name in targets)
+            precomputed, record = precompute_packed(source, config, scale_dtype, calibration, progress)
+            saved_config.calibration = record
         writer = ShardedWriter(staging, output_specs(source_specs, targets, config), max_bytes)
         bar = tqdm(total=len(targets), desc="quantizing", unit="layer", disable=not progress)
         for name, tensor in iter_tensors(files):
@@ -80,7 +92,7 @@ def quantize_checkpoint(
             if name not in targets:
                 writer.write(name, tensor)
                 continue
-            packed = quantize_weight(
+            packed = precomputed.pop(name, None) or quantize_weight(
                 tensor, config.bits, config.group_size, config.sym, method=config.method, name=name
             )
             module = targets[name]

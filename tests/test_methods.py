@@ -163,3 +163,31 @@ def test_method_names_and_errors(stories_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # rtn through quantize_ stays calibration-free
         llmquant.quantize_(model, QuantConfig(bits=4, group_size=32), progress=False)
+
+
+def test_cli_gptq_checkpoint_equals_quantize_(stories_dir, tmp_path, capsys):
+    from llmquant.cli import main
+
+    text = stories_dir.parent / TEXT
+    out = tmp_path / "q"
+    flags = ["--calib", str(text), "--nsamples", "8", "--calib-seqlen", "64", "--seed", "3"]
+    args = ["quantize", str(stories_dir), "-o", str(out), "--group-size", "32", "--method", "gptq", "--quiet"]
+    assert main([*args, *flags]) == 0
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    config = saved.config.quantization_config
+    assert config.method == "gptq" and config.calibration["tokens"] == 8 * 64
+    assert "gptq" in (out / "README.md").read_text() and "512 tokens" in (out / "README.md").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
+    calibration = load_calibration(tokenizer, text, nsamples=8, seqlen=64, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method="gptq"), calibration=calibration)
+    ids = torch.arange(3, 67).view(1, 64)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, saved(input_ids=ids).logits)
+    # too few calibration tokens: one line, exit 2, nothing written
+    capsys.readouterr()
+    bad = ["quantize", str(stories_dir), "-o", str(tmp_path / "bad"), "--method", "gptq", "--calib", str(text)]
+    assert main([*bad, "--nsamples", "1000", "--calib-seqlen", "512"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fewer than nsamples x calib-seqlen" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
