@@ -16,13 +16,15 @@ Only one block's weights and activations are on the compute device at a time. Re
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .convert import linear_layers
-from .methods import get_method
+from .methods import awq, get_method
 from .methods.grid import dequantize
 from .quantize import QuantizedWeight
 
@@ -88,6 +90,34 @@ def _block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor) -> t
     return captured["hidden"], kwargs
 
 
+def _is_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1
+
+
+def _norm_inputs(block: nn.Module, linears: dict, hidden: torch.Tensor, kwargs: dict) -> dict:
+    """{linear: (norm, [linears reading that norm's output])} for linears whose input is exactly
+    a norm's output, found by one forward pass of one sample."""
+    outputs, readers, handles = {}, {}, []
+    for module in block.modules():
+        if _is_norm(module):
+            handles.append(module.register_forward_hook(lambda m, a, out: outputs.__setitem__(id(out), (m, out))))
+    for module in linears:
+        handles.append(
+            module.register_forward_pre_hook(lambda m, a: readers.__setitem__(m, outputs.get(id(a[0]), (None,))[0]))
+        )
+    try:
+        block(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict = {}
+    for linear, norm in readers.items():
+        if norm is not None:
+            groups.setdefault(norm, []).append(linear)
+    return {linear: (norm, groups[norm]) for linear, norm in readers.items() if norm is not None}
+
+
 def _output(result) -> torch.Tensor:
     return result[0] if isinstance(result, tuple | list) else result
 
@@ -100,12 +130,15 @@ def quantize_blocks(
     device: torch.device | None = None,
     progress: bool = True,
     scale_dtype: torch.dtype | None = None,
+    changed: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize every selected linear of `model` with config.method on calibration tokens [S, T].
 
     The linears' weights are replaced in place by their dequantized values (the model stays
     made of nn.Linear); returns {module name: QuantizedWeight} with scales in scale_dtype
-    (default: each weight's dtype; a checkpoint writer passes the source dtype).
+    (default: each weight's dtype; a checkpoint writer passes the source dtype). Methods with
+    channel scaling (awq) also change norm weights in place; `changed` then receives
+    {parameter name: new value} for the writer.
     """
     method = get_method(config.method)
     device = device or compute_device()
@@ -116,6 +149,7 @@ def quantize_blocks(
         raise ValueError(f"{outside[0]!r} is outside the decoder blocks; calibrated methods quantize blocks only")
     hidden, kwargs = _block_inputs(model, blocks[0], tokens)
     results: dict[str, QuantizedWeight] = {}
+    unscaled: set[str] = set()
     bar = tqdm(total=len(blocks), desc=f"{config.method}", unit="block", disable=not progress)
     for index, block in enumerate(blocks):
         home = next(block.parameters()).device
@@ -127,12 +161,36 @@ def quantize_blocks(
         reference = _output(block(hidden[:few], **_rows(kw, few, total)))
         names = {module: name for name, module in block.named_modules() if f"{prefix}.{index}.{name}" in targets}
         cache: dict = {}
+        norms = _norm_inputs(block, names, hidden[:1], _rows(kw, 1, total)) if method.scaling else {}
+        if method.scaling:
+            unscaled.update(name for module, name in names.items() if module not in norms)
 
-        def hook(module, args, names=names, cache=cache, index=index):
+        def hook(module, args, names=names, cache=cache, index=index, norms=norms, block=block):
             x = args[0]
             if cache.get("x") is not x:  # q/k/v (gate/up) share one input tensor: one Hessian
                 flat = x.reshape(-1, x.shape[-1]).float()
-                cache["x"], cache["h"] = x, flat.t() @ flat * (2.0 / flat.shape[0])
+                cache["x"], cache["h"], cache["x_in"] = x, flat.t() @ flat * (2.0 / flat.shape[0]), x
+                if module in norms:  # fold channel scales into the norm and every linear reading it
+                    norm, readers = norms[module]
+                    s = awq.search_scales(
+                        [m.weight for m in readers],
+                        cache["h"].diagonal(),
+                        flat.abs().mean(0),
+                        config.bits,
+                        config.group_size,
+                        config.sym,
+                    )
+                    norm.weight.data.div_(s.to(norm.weight.dtype))
+                    if getattr(norm, "bias", None) is not None:
+                        norm.bias.data.div_(s.to(norm.bias.dtype))
+                    for reader in readers:
+                        reader.weight.data.mul_(s.to(reader.weight.dtype))
+                    cache["x_in"] = (x / s).to(x.dtype)
+                    cache["h"] = cache["h"] / s.unsqueeze(0) / s.unsqueeze(1)
+                    if changed is not None:
+                        norm_name = next(n for n, m in block.named_modules() if m is norm)
+                        for key, value in norm.named_parameters():
+                            changed[f"{prefix}.{index}.{norm_name}.{key}"] = value.detach().to("cpu", copy=True)
             full = f"{prefix}.{index}.{names[module]}"
             weight = module.weight
             q = method.quantize(
@@ -147,6 +205,9 @@ def quantize_blocks(
             results[full] = q
             # later linears of the block see this one's quantized output
             weight.data.copy_(dequantize(q, config.bits, config.group_size).to(weight.dtype))
+            if cache["x_in"] is not x:
+                return (cache["x_in"], *args[1:])
+            return None
 
         handles = [m.register_forward_pre_hook(hook) for m in names]
         try:
@@ -160,6 +221,12 @@ def quantize_blocks(
         bar.update(1)
         del reference, cache
     bar.close()
+    if unscaled:
+        warnings.warn(
+            f"{config.method}: no channel scaling for {', '.join(sorted(unscaled))} in every block: their inputs "
+            "do not come from a norm (folding into the previous linear is not implemented); quantized unscaled",
+            stacklevel=2,
+        )
     missing = sorted(set(targets) - set(results))
     if missing:
         raise ValueError(f"{missing[0]!r} was never called during calibration; cannot quantize it")

@@ -10,6 +10,8 @@ inputs (see `llmquant.calibrate`); calibration-free ones receive None.
 | clip | yes | round to nearest with a per-group range shrink minimising the output error |
 | gptq | yes | GPTQ error feedback, contiguous-group act-order, clipping search per group (best) |
 | gptq-noclip | yes | GPTQ without the clipping search |
+| awq | yes | activation-aware channel scaling folded into norms, then clip |
+| gptq-awq | yes | activation-aware channel scaling, then gptq |
 
 Adding a method: one new module with a `quantize(weight, hessian, bits, group_size, sym,
 scale_dtype, name)` function and one `Method` line below.
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import clip, gptq, rtn
+from . import awq, clip, gptq, rtn
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Method:
     quantize: Callable
     calibrated: bool
     summary: str
+    scaling: bool = False  # AWQ-style channel scaling folded into norms before quantizing
 
 
 METHODS: dict[str, Method] = {
@@ -40,6 +43,8 @@ METHODS: dict[str, Method] = {
         Method("clip", clip.quantize, True, "round to nearest, clipping search on calibration activations"),
         Method("gptq", gptq.quantize, True, "GPTQ error feedback + clipping search (best quality)"),
         Method("gptq-noclip", gptq.quantize_noclip, True, "GPTQ error feedback without clipping search"),
+        Method("awq", awq.quantize, True, "activation-aware channel scaling, then clip", scaling=True),
+        Method("gptq-awq", awq.quantize_gptq, True, "activation-aware channel scaling, then gptq", scaling=True),
     )
 }
 
