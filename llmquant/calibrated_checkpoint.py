@@ -25,9 +25,10 @@ def precompute_packed(
     scale_dtype: torch.dtype,
     calibration: CalibrationSet | None = None,
     progress: bool = True,
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """{"<module>.weight": packed tensors} for every quantized linear of the model in `src`, and
-    the calibration record (dataset, samples, tokens, seed) for the saved config and model card.
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict]:
+    """{"<module>.weight": packed tensors} for every quantized linear of the model in `src`,
+    {tensor name: new float value} for tensors the method changed (norm weights under awq
+    scaling), and the calibration record (dataset, samples, tokens, seed).
 
     calibration: default `load_calibration(tokenizer of src)` (the C4 sample).
     """
@@ -46,6 +47,9 @@ def precompute_packed(
     except Exception as error:
         raise ValueError(f"cannot load {src} to calibrate it: {first_line(error)}") from None
     model.eval()
-    results = quantize_blocks(model, config, calibration.tokens, progress=progress, scale_dtype=scale_dtype)
+    changed: dict[str, torch.Tensor] = {}
+    results = quantize_blocks(
+        model, config, calibration.tokens, progress=progress, scale_dtype=scale_dtype, changed=changed
+    )
     packed = {f"{name}.weight": pack(q, config.bits) for name, q in results.items()}
-    return packed, calibration.describe()
+    return packed, changed, calibration.describe()

@@ -79,10 +79,10 @@ def quantize_checkpoint(
                 f"{len(missing)} linear weights of the model are not in the checkpoint (first: {missing[0]!r}); "
                 "is the checkpoint complete?"
             )
-        precomputed = {}
+        precomputed, changed = {}, {}
         if get_method(config.method).calibrated:
             scale_dtype = next(spec.dtype for spec in source_specs if spec.name in targets)
-            precomputed, record = precompute_packed(source, config, scale_dtype, calibration, progress)
+            precomputed, changed, record = precompute_packed(source, config, scale_dtype, calibration, progress)
             saved_config.calibration = record
         writer = ShardedWriter(staging, output_specs(source_specs, targets, config), max_bytes)
         bar = tqdm(total=len(targets), desc="quantizing", unit="layer", disable=not progress)
@@ -90,7 +90,7 @@ def quantize_checkpoint(
             summary.bytes_before += tensor.numel() * tensor.element_size()
             summary.params_total += tensor.numel()
             if name not in targets:
-                writer.write(name, tensor)
+                writer.write(name, changed[name].to(tensor.dtype) if name in changed else tensor)
                 continue
             packed = precomputed.pop(name, None) or quantize_weight(
                 tensor, config.bits, config.group_size, config.sym, method=config.method, name=name

@@ -149,7 +149,7 @@ def test_default_calibration_is_the_shared_c4_sample():
 
 
 def test_method_names_and_errors(stories_dir):
-    with pytest.raises(ValueError, match=r"method must be one of \['rtn', 'clip', 'gptq', 'gptq-noclip'\]"):
+    with pytest.raises(ValueError, match=r"method must be one of \['rtn', 'clip', 'gptq', 'gptq-noclip', 'awq', 'gptq-awq'\]"):
         QuantConfig(method="awq2")
     assert not get_method("rtn").calibrated and all(METHODS[m].calibrated for m in ("clip", "gptq"))
     config = QuantConfig.from_short_name("int4-g128-sym-gptq")
@@ -165,22 +165,23 @@ def test_method_names_and_errors(stories_dir):
         llmquant.quantize_(model, QuantConfig(bits=4, group_size=32), progress=False)
 
 
-def test_cli_gptq_checkpoint_equals_quantize_(stories_dir, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["gptq", "gptq-awq"])
+def test_cli_checkpoint_equals_quantize_(stories_dir, tmp_path, capsys, method):
     from llmquant.cli import main
 
     text = stories_dir.parent / TEXT
     out = tmp_path / "q"
     flags = ["--calib", str(text), "--nsamples", "8", "--calib-seqlen", "64", "--seed", "3"]
-    args = ["quantize", str(stories_dir), "-o", str(out), "--group-size", "32", "--method", "gptq", "--quiet"]
+    args = ["quantize", str(stories_dir), "-o", str(out), "--group-size", "32", "--method", method, "--quiet"]
     assert main([*args, *flags]) == 0
     saved = AutoModelForCausalLM.from_pretrained(out)
     config = saved.config.quantization_config
-    assert config.method == "gptq" and config.calibration["tokens"] == 8 * 64
-    assert "gptq" in (out / "README.md").read_text() and "512 tokens" in (out / "README.md").read_text()
+    assert config.method == method and config.calibration["tokens"] == 8 * 64
+    assert method in (out / "README.md").read_text() and "512 tokens" in (out / "README.md").read_text()
     tokenizer = AutoTokenizer.from_pretrained(stories_dir)
     calibration = load_calibration(tokenizer, text, nsamples=8, seqlen=64, seed=3)
     model = AutoModelForCausalLM.from_pretrained(stories_dir)
-    llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method="gptq"), calibration=calibration)
+    llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method=method), calibration=calibration)
     ids = torch.arange(3, 67).view(1, 64)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, saved(input_ids=ids).logits)
