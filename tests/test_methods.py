@@ -149,7 +149,8 @@ def test_default_calibration_is_the_shared_c4_sample():
 
 
 def test_method_names_and_errors(stories_dir):
-    with pytest.raises(ValueError, match=r"method must be one of \['rtn', 'clip', 'gptq', 'gptq-noclip', 'awq', 'gptq-awq'\]"):
+    choices = r"method must be one of \['rtn', 'clip', 'gptq', 'gptq-noclip', 'awq', 'gptq-awq'\]"
+    with pytest.raises(ValueError, match=choices):
         QuantConfig(method="awq2")
     assert not get_method("rtn").calibrated and all(METHODS[m].calibrated for m in ("clip", "gptq"))
     config = QuantConfig.from_short_name("int4-g128-sym-gptq")
