@@ -278,6 +278,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             "baseline": is_base,
             "quantized_on_load": cfg is not None,
             **_quant_info(models[name]),
+            **({k: getattr(cfg, k) for k in ("bits", "group_size", "sym", "method")} if cfg is not None else {}),
             "bits_per_weight": bpw if bpw is not None else float(torch.finfo(dtype).bits),
             "model_size_bytes": llmquant.model_size_bytes(models[name]),
             "load_seconds": time.perf_counter() - t0,

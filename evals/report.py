@@ -81,6 +81,13 @@ def table(payload: dict) -> str:
     return "\n".join([describe(payload["meta"]), line(COLUMNS), *map(line, body)])
 
 
+def _calibration_note(c: dict) -> str:
+    return (
+        f" Calibration of the calibrated methods: {c['nsamples']} samples x {c['seqlen']} tokens = "
+        f"{c['tokens']:,} tokens of `{c['dataset']}` (seed {c['seed']})."
+    )
+
+
 def markdown(payload: dict, notes: list[str] | None = None) -> str:
     """Markdown report: what was measured, the table, how to read it."""
     meta = payload["meta"]
@@ -112,7 +119,7 @@ def markdown(payload: dict, notes: list[str] | None = None) -> str:
         "the loaded model during it ("
         + meta.get("quant_peak_kind", "resident memory, sampled")
         + ")."
-        + (f" Calibration: {meta['calibration']}." if meta.get("calibration") else ""),
+        + (_calibration_note(meta["calibration"]) if meta.get("calibration") else ""),
         f"- Command: `{meta['command']}`",
         f"- Versions: {versions}; git commit {meta['git_commit'] or 'none'}; {meta['date']}.",
     ]
