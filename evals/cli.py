@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from llmquant.config import SHORT_NAME
 from llmquant.errors import first_line
 
 from . import EvalError
@@ -108,6 +109,8 @@ def parse_configs(text: str) -> list:
 
     out = []
     for entry in (e.strip() for e in text.split(",")):
+        if not SHORT_NAME.match(entry):
+            raise EvalError(f"cannot parse --configs entry {entry!r}: expected intB-gG[-sym][-METHOD], e.g. int4-g128")
         try:
             cfg = llmquant.QuantConfig.from_short_name(entry)
         except ValueError as e:

@@ -193,3 +193,16 @@ def test_cli_checkpoint_equals_quantize_(stories_dir, tmp_path, capsys, method):
     err = capsys.readouterr().err.strip()
     assert "fewer than nsamples x calib-seqlen" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_awq_folds_scales_into_norms_and_names_the_layers_it_skips(stories_dir, stories):
+    _, calibration, held = stories
+    model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    norm_before = model.model.layers[0].input_layernorm.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"no channel scaling for mlp\.down_proj, self_attn\.o_proj"):
+        llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method="awq"), calibration=calibration)
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm_before)  # scales folded
+    float_model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    with torch.no_grad():
+        loss = model(input_ids=held, labels=held).loss
+        assert loss < float_model(input_ids=held, labels=held).loss + 0.2  # still the same function, roughly
