@@ -47,10 +47,13 @@ method `{config.method}`). Kept in floating point: {", ".join(config.modules_to_
 | | |
 |---|---|
 | quantized parameters | {summary.params_quantized:,} of {summary.params_total:,} |
-| bits per weight (codes + scales + zeros) | {summary.bits_per_weight:.3f} |
-| size before / after | {summary.bytes_before / 2**20:.1f} MiB / {summary.bytes_after / 2**20:.1f} MiB |
+| bits per weight of the quantized layers (codes + scales + zeros) | {summary.bits_per_weight:.3f} |
+| checkpoint size, all tensors | {summary.bytes_before / 2**20:.1f} MiB / {summary.bytes_after / 2**20:.1f} MiB |
 {_calibration_row(config)}
 ## Load
+
+`pip install llmquant` first: without it, transformers skips the unknown quantization method with
+a warning and leaves the quantized layers randomly initialised.
 
 ```python
 import llmquant  # registers the "llmquant" quantization method with transformers
