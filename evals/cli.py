@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmquant.config import SHORT_NAME
 from llmquant.errors import first_line
 
 from . import EvalError
@@ -107,6 +106,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def parse_configs(text: str) -> list:
     """``"int4-g128,int4-g128-sym-gptq"`` -> list of (entry, ``llmquant.QuantConfig``) (EvalError on a bad entry)."""
     import llmquant
+    from llmquant.config import SHORT_NAME
 
     out = []
     for entry in (e.strip() for e in text.split(",")):

@@ -225,7 +225,7 @@ def quantize_blocks(
         warnings.warn(
             f"{config.method}: no channel scaling for {', '.join(sorted(unscaled))} in every block: their inputs "
             "do not come from a norm (folding into the previous linear is not implemented); quantized unscaled",
-            stacklevel=2,
+            stacklevel=3,
         )
     missing = sorted(set(targets) - set(results))
     if missing:
