@@ -10,7 +10,6 @@ Bad input raises ``EvalError``, which ``run`` prints as one line and turns into 
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 import time
@@ -26,7 +25,6 @@ if TYPE_CHECKING:  # torch loads on first use: `llmquant --help` must not import
 
 VERSION_KEYS = ("python", "torch", "transformers", "llmquant", "triton", "datasets")
 
-CONFIG_RE = re.compile(r"^int(?P<bits>\d+)-g(?P<group>\d+|all|-1)(?P<sym>-sym|-asym)?(?:-(?P<method>[a-z]+))?$")
 CI_METHOD = (
     "delta method over windows: paired per-window NLL differences d_w (model − baseline, summed over the "
     "window's tokens), D = Σd_w / Σn_w with ratio-estimator variance W/(W−1)·Σ(d_w − D·n_w)² / (Σn_w)², "
@@ -51,9 +49,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--configs",
         metavar="LIST",
-        help="comma-separated configs quantized on load from MODEL, e.g. int8-g128,int4-g64,int4-g128-sym "
-        "(intB-gG[-sym][-METHOD], G a size or 'all'); MODEL is then also the baseline unless --baseline",
+        help="comma-separated configs quantized from MODEL with llmquant.quantize_, e.g. "
+        "int8-g128,int4-g64,int4-g128-sym,int4-g128-gptq (intB-gG[-sym][-METHOD], G a size or 'all', METHOD "
+        "rtn (default), clip, gptq, gptq-noclip); MODEL is then also the baseline unless --baseline",
     )
+    from llmquant.calibration import add_arguments as add_calibration_arguments
+
+    add_calibration_arguments(p)
     d = p.add_argument_group("data")
     d.add_argument(
         "--dataset",
@@ -102,19 +104,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_configs(text: str) -> list:
-    """``"int4-g128,int4-g128-sym"`` -> list of ``llmquant.QuantConfig`` (EvalError on a bad entry)."""
+    """``"int4-g128,int4-g128-sym-gptq"`` -> list of (entry, ``llmquant.QuantConfig``) (EvalError on a bad entry)."""
     import llmquant
+    from llmquant.config import SHORT_NAME
 
     out = []
     for entry in (e.strip() for e in text.split(",")):
-        m = CONFIG_RE.match(entry)
-        if not m:
+        if not SHORT_NAME.match(entry):
             raise EvalError(f"cannot parse --configs entry {entry!r}: expected intB-gG[-sym][-METHOD], e.g. int4-g128")
-        group = -1 if m["group"] in ("all", "-1") else int(m["group"])
         try:
-            cfg = llmquant.QuantConfig(
-                bits=int(m["bits"]), group_size=group, sym=m["sym"] == "-sym", method=m["method"] or "rtn"
-            )
+            cfg = llmquant.QuantConfig.from_short_name(entry)
         except ValueError as e:
             raise EvalError(f"bad --configs entry {entry!r}: {e}") from None
         out.append((entry, cfg))
@@ -136,6 +135,27 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     import torch
 
     return getattr(torch, name or ("float32" if device.type == "cpu" else "float16"))
+
+
+def quantize_model(model, cfg, calibration, device: torch.device, progress: bool) -> tuple:
+    """``llmquant.quantize_`` a loaded float model; returns it and its quantization seconds,
+    extra peak memory and calibration record."""
+    import llmquant
+
+    from .memory import PeakMemory
+
+    method = llmquant.methods.get_method(cfg.method)
+    t0 = time.perf_counter()
+    with PeakMemory(device) as peak:
+        try:
+            llmquant.quantize_(model, cfg, progress=progress, calibration=calibration if method.calibrated else None)
+        except ValueError as e:
+            raise EvalError(f"cannot quantize {cfg.short_name()}: {first_line(e)}") from None
+    seconds = time.perf_counter() - t0
+    record = {"quant_seconds": seconds, "quant_peak_bytes": peak.extra_bytes, "quant_peak_kind": peak.kind}
+    if method.calibrated:
+        record["calibration"] = calibration.describe()
+    return model, record
 
 
 def load_model(path: str, dtype: torch.dtype, device: torch.device, qconfig=None):
@@ -243,6 +263,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     all_windows = make_windows(len(tokens), args.seqlen, args.stride)
     windows = make_windows(len(tokens), args.seqlen, args.stride, args.max_windows)  # validates --max-windows
 
+    calibration = None
+    if any(llmquant.methods.get_method(cfg.method).calibrated for _, cfg in configs):
+        try:
+            calibration = llmquant.calibration.from_arguments(tokenizer, args)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+
     models, info = {}, {}
     for name, (path, cfg, is_base) in plan.items():
         t0 = time.perf_counter()
@@ -250,7 +277,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             f"loading {name} from {path}" + (f" (quantizing {cfg.short_name()})" if cfg else ""),
             file=sys.stderr,
         )
-        models[name] = load_model(path, dtype, device, cfg)
+        models[name], quant = load_model(path, dtype, device), {}
+        if cfg is not None:
+            models[name], quant = quantize_model(models[name], cfg, calibration, device, not args.no_progress)
         vocab = models[name].get_output_embeddings().weight.shape[0]
         if len(tokenizer) > vocab:
             raise EvalError(f"tokenizer has {len(tokenizer)} tokens but {path} has an output head of {vocab}")
@@ -262,9 +291,11 @@ def evaluate(args: argparse.Namespace) -> dict:
             "baseline": is_base,
             "quantized_on_load": cfg is not None,
             **_quant_info(models[name]),
+            **({k: getattr(cfg, k) for k in ("bits", "group_size", "sym", "method")} if cfg is not None else {}),
             "bits_per_weight": bpw if bpw is not None else float(torch.finfo(dtype).bits),
             "model_size_bytes": llmquant.model_size_bytes(models[name]),
             "load_seconds": time.perf_counter() - t0,
+            **quant,
         }
 
     baseline = "baseline" if "baseline" in plan else None
@@ -311,6 +342,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         "peak_memory_kind": "torch.cuda.max_memory_allocated during the model's forward passes"
         if device.type == "cuda"
         else "peak RSS of the whole process (all models loaded) at the end of the model's passes",
+        "calibration": calibration.describe() if calibration is not None else None,
+        "quant_peak_kind": "torch.cuda.max_memory_allocated above the loaded model"
+        if device.type == "cuda"
+        else "resident memory sampled every 20 ms, above the value before quantize_",
         "run_seconds": wall,
         "versions": {k: env[k] for k in VERSION_KEYS if k in env},
         "git_commit": env["git_commit"],

@@ -24,6 +24,8 @@ COLUMNS = (
     "s",
     "tok/s",
     "peak MiB",
+    "quant s",
+    "quant MiB",
 )
 
 
@@ -51,6 +53,8 @@ def rows(payload: dict) -> list[list[str]]:
                 f"{m['seconds']:.1f}",
                 _fmt(m.get("tokens_per_s"), ".0f"),
                 _fmt(m["peak_memory_bytes"] / 2**20, ".0f"),
+                _fmt(m.get("quant_seconds"), ".1f"),
+                _fmt(m["quant_peak_bytes"] / 2**20 if "quant_peak_bytes" in m else None, ".0f"),
             ]
         )
     return out
@@ -75,6 +79,13 @@ def table(payload: dict) -> str:
         return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
     return "\n".join([describe(payload["meta"]), line(COLUMNS), *map(line, body)])
+
+
+def _calibration_note(c: dict) -> str:
+    return (
+        f" Calibration of the calibrated methods: {c['nsamples']} samples x {c['seqlen']} tokens = "
+        f"{c['tokens']:,} tokens of `{c['dataset']}` (seed {c['seed']})."
+    )
 
 
 def markdown(payload: dict, notes: list[str] | None = None) -> str:
@@ -105,7 +116,12 @@ def markdown(payload: dict, notes: list[str] | None = None) -> str:
         "for the baseline, the bits of the dtype it ran in. "
         "memory MiB: all parameters and buffers of the whole model as loaded (compute dtype, CPU kernel copy "
         "included). s, tok/s: each model's own forward + lm_head time; "
-        "peak MiB: " + meta["peak_memory_kind"] + ".",
+        "peak MiB: " + meta["peak_memory_kind"] + ". quant s: seconds of `llmquant.quantize_` on the loaded "
+        "float model (calibrated methods include the calibration forward passes); quant MiB: peak memory above "
+        "the loaded model during it ("
+        + meta.get("quant_peak_kind", "resident memory, sampled")
+        + ")."
+        + (_calibration_note(meta["calibration"]) if meta.get("calibration") else ""),
         f"- Command: `{meta['command']}`",
         f"- Versions: {versions}; git commit {meta['git_commit'] or 'none'}; {meta['date']}.",
     ]

@@ -19,10 +19,21 @@ from importlib.machinery import ModuleSpec
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["QuantConfig", "QuantLinear", "bits_per_weight", "dequantize_", "model_size_bytes", "quantize_"]
+__all__ = [
+    "CalibrationSet",
+    "QuantConfig",
+    "QuantLinear",
+    "bits_per_weight",
+    "dequantize_",
+    "load_calibration",
+    "model_size_bytes",
+    "quantize_",
+]
 
 # public name -> submodule defining it
 _LAZY = {
+    "CalibrationSet": "calibration",
+    "load_calibration": "calibration",
     "QuantConfig": "config",
     "QuantLinear": "linear",
     "bits_per_weight": "stats",

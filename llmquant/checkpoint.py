@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from .calibrated_checkpoint import precompute_packed
 from .config import QuantConfig
 from .errors import CheckpointError
+from .methods import get_method
 from .modelcard import write_model_card
 from .plan import check_shapes, output_specs, quantizable_weights
 from .progress import progress_bar
@@ -59,8 +61,13 @@ def quantize_checkpoint(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    calibration=None,
 ) -> Summary:
-    """Quantize the checkpoint at `src` (folder or Hub id) into the folder `out`."""
+    """Quantize the checkpoint at `src` (folder or Hub id) into the folder `out`.
+
+    Calibrated methods (gptq, clip) compute every packed tensor first from the float model on
+    CPU (`calibrated_checkpoint.py`; `calibration`: a CalibrationSet, default the C4 sample);
+    the loop below then writes those instead of quantizing."""
     start = time.perf_counter()
     out = Path(out).expanduser()
     max_bytes = parse_size(max_shard_size)
@@ -75,6 +82,11 @@ def quantize_checkpoint(
     source_specs = tensor_specs(files)
     check_shapes(source_specs, skeleton, source / "config.json")
     specs = output_specs(source_specs, targets, config)
+    precomputed, changed = {}, {}
+    if get_method(config.method).calibrated:
+        scale_dtype = next(spec.dtype for spec in source_specs if spec.name in targets)
+        precomputed, changed, record = precompute_packed(source, config, scale_dtype, calibration, progress)
+        saved_config.calibration = record
 
     summary = Summary()
     with staged_output(out) as staging:
@@ -86,9 +98,9 @@ def quantize_checkpoint(
             if name not in targets:
                 if tensor.is_floating_point():
                     check_finite_copy(name, tensor)
-                writer.write(name, tensor)
+                writer.write(name, changed[name].to(tensor.dtype) if name in changed else tensor)
                 continue
-            packed = quantize_weight(
+            packed = precomputed.pop(name, None) or quantize_weight(
                 tensor, config.bits, config.group_size, config.sym, method=config.method, name=name
             )
             module = targets[name]

@@ -33,7 +33,12 @@ def _add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
         "--group-size", type=_group_size, default=128, help="32, 64, 128, 256, or -1 for per row (default 128)"
     )
     parser.add_argument("--sym", action="store_true", help="symmetric codes (no zero points)")
-    parser.add_argument("--method", default="rtn", help="how codes are chosen (default rtn)")
+    parser.add_argument(
+        "--method",
+        default="rtn",
+        help="how codes are chosen: rtn (default, no data), gptq (best quality: GPTQ + clipping search, "
+        "calibrated), clip, gptq-noclip",
+    )
     parser.add_argument(
         "--skip",
         nargs="+",
@@ -44,15 +49,24 @@ def _add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .calibration import add_arguments as add_calibration_arguments
+
+    add_calibration_arguments(parser)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
+    from .calibration import from_arguments as calibration_from_arguments
+    from .calibration import load_tokenizer
     from .checkpoint import quantize_checkpoint
     from .config import QuantConfig
+    from .methods import get_method
 
     config = QuantConfig(
         bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, modules_to_not_convert=args.skip
     )
+    calibration = None
+    if get_method(config.method).calibrated:
+        calibration = calibration_from_arguments(load_tokenizer(args.src), args)
     summary = quantize_checkpoint(
         args.src,
         args.output,
@@ -60,6 +74,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        calibration=calibration,
     )
     mib = 2**20
     print(f"wrote {args.output}")

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .kernels.pack import SUPPORTED_BITS
+from .methods import METHODS, get_method
 
 QUANT_METHOD = "llmquant"
 FORMAT_VERSION = 1
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
-SUPPORTED_METHODS = ("rtn",)
+SUPPORTED_METHODS = tuple(METHODS)
+# Short config names: intB-gG[-sym|-asym][-METHOD], e.g. int4-g128, int4-g128-sym-gptq.
+SHORT_NAME = re.compile(
+    r"^int(?P<bits>\d+)-g(?P<group>\d+|all|-1)(?P<sym>-sym|-asym)?(?:-(?P<method>[a-z][a-z0-9-]*))?$"
+)
 
 
 class QuantConfig(QuantizationConfigMixin):
@@ -22,8 +28,10 @@ class QuantConfig(QuantizationConfigMixin):
         group_size: consecutive input columns sharing a scale (and zero): 32, 64, 128, 256,
             or -1 for one group per output row. A last, shorter group is allowed.
         sym: symmetric codes around an implicit zero (no stored zeros) instead of asymmetric.
-        method: how codes are chosen: "rtn" (round to nearest). The stored form never
-            depends on it, so every method loads with the same kernels.
+        method: how codes are chosen (`llmquant.methods.METHODS`): "rtn" (round to nearest,
+            default), "clip", "gptq" (best quality; needs calibration data, see
+            `llmquant.quantize_`), "gptq-noclip". The stored form never depends on it, so
+            every method loads with the same kernels.
         modules_to_not_convert: module names (or name suffixes) left in floating point. None
             means the output head; embeddings are never touched (they are not nn.Linear).
     """
@@ -36,6 +44,7 @@ class QuantConfig(QuantizationConfigMixin):
         method: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
         format_version: int = FORMAT_VERSION,
+        calibration: dict | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -50,6 +59,7 @@ class QuantConfig(QuantizationConfigMixin):
             modules_to_not_convert = list(modules_to_not_convert)
         self.modules_to_not_convert = modules_to_not_convert
         self.format_version = format_version
+        self.calibration = calibration  # what calibrated methods used (recorded, not an input)
         self.post_init()
 
     def post_init(self) -> None:
@@ -60,8 +70,7 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(f"group_size must be one of {list(SUPPORTED_GROUP_SIZES)}, got {self.group_size!r}")
         if not isinstance(self.sym, bool):
             raise ValueError(f"sym must be True or False, got {self.sym!r}")
-        if self.method not in SUPPORTED_METHODS:
-            raise ValueError(f"method must be one of {list(SUPPORTED_METHODS)}, got {self.method!r}")
+        get_method(self.method)  # ValueError listing the registered methods
         skip = self.modules_to_not_convert
         if skip is not None and not (isinstance(skip, list) and all(isinstance(n, str) and n for n in skip)):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {skip!r}")
@@ -73,7 +82,19 @@ class QuantConfig(QuantizationConfigMixin):
     def short_name(self) -> str:
         """e.g. 'int4-g128' or 'int8-gall-sym', the spelling `llmquant eval --configs` accepts."""
         group = "all" if self.group_size == -1 else str(self.group_size)
-        return f"int{self.bits}-g{group}" + ("-sym" if self.sym else "")
+        method = "" if self.method == "rtn" else f"-{self.method}"
+        return f"int{self.bits}-g{group}" + ("-sym" if self.sym else "") + method
+
+    @classmethod
+    def from_short_name(cls, text: str) -> QuantConfig:
+        """'int4-g128-sym-gptq' -> QuantConfig (method rtn when left out); ValueError if malformed."""
+        match = SHORT_NAME.match(text.strip())
+        if not match:
+            raise ValueError(f"cannot parse config name {text!r}: expected intB-gG[-sym][-METHOD], e.g. int4-g128-gptq")
+        group = -1 if match["group"] in ("all", "-1") else int(match["group"])
+        return cls(
+            bits=int(match["bits"]), group_size=group, sym=match["sym"] == "-sym", method=match["method"] or "rtn"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,7 +105,7 @@ class QuantConfig(QuantizationConfigMixin):
             "method": self.method,
             "modules_to_not_convert": self.modules_to_not_convert,
             "format_version": self.format_version,
-        }
+        } | ({"calibration": self.calibration} if self.calibration is not None else {})
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, QuantConfig) and self.to_dict() == other.to_dict()

@@ -81,9 +81,14 @@ def replace_with_empty_quant_linear(model: nn.Module, config: QuantConfig, dtype
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True) -> nn.Module:
-    """Quantize `model` in place: every selected nn.Linear becomes a QuantLinear (RTN codes,
-    scales in the weight's dtype). Returns the model."""
+def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, calibration=None) -> nn.Module:
+    """Quantize `model` in place: every selected nn.Linear becomes a QuantLinear (codes chosen
+    by config.method, scales in the weight's dtype). Returns the model.
+
+    Calibrated methods ("gptq", "clip") need `calibration`: a `llmquant.CalibrationSet`
+    (`llmquant.load_calibration(tokenizer)`) or token ids [S, T] int64; they run block by
+    block (see `llmquant.sequential`) and record the calibration in model.config.
+    """
     check_skip_matches(model, config)
     layers = linear_layers(model, config)
     for name, linear in layers:  # all or nothing: refuse a bad layer before converting any
@@ -91,6 +96,12 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True) -> n
             weight = linear.weight
             raise ValueError(f"layer {name!r} has a {weight.dtype} weight on {weight.device}; cannot quantize it")
         check_finite(linear.weight, f"{name}.weight")
+    from .methods import get_method
+
+    if get_method(config.method).calibrated:
+        from .sequential import quantize_calibrated_
+
+        return quantize_calibrated_(model, config, calibration, progress)
     for name, linear in progress_bar(layers, enabled=progress, desc="quantizing", unit="layer"):
         _set_module(
             model,

@@ -91,6 +91,16 @@ class LlmquantHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
         config = self.quantization_config
+        if not self.pre_quantized:
+            from .methods import get_method
+
+            if get_method(config.method).calibrated:
+                raise ValueError(
+                    f"method {config.method!r} needs calibration data, which from_pretrained cannot pass: load the "
+                    "float model, then llmquant.quantize_(model, config, calibration=llmquant.load_calibration("
+                    "tokenizer)), or run `llmquant quantize --method "
+                    f"{config.method}`"
+                )
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = modules_to_skip(model, config)
         if self.pre_quantized:

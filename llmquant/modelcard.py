@@ -11,6 +11,17 @@ if TYPE_CHECKING:
     from .checkpoint import Summary
 
 
+def _calibration_row(config: QuantConfig) -> str:
+    """The table row recording a calibrated method's data (empty for rtn)."""
+    c = config.calibration
+    if not c:
+        return ""
+    return (
+        f"| calibration data | `{c.get('dataset')}`: {c.get('nsamples')} samples x {c.get('seqlen')} tokens "
+        f"= {c.get('tokens'):,} tokens (seed {c.get('seed')}) |\n"
+    )
+
+
 def write_model_card(path: Path, base_model: str, config: QuantConfig, summary: Summary) -> None:
     group = "per row" if config.group_size == -1 else str(config.group_size)
     is_hub_id = not Path(base_model).expanduser().exists()
@@ -38,7 +49,7 @@ method `{config.method}`). Kept in floating point: {", ".join(config.modules_to_
 | quantized parameters | {summary.params_quantized:,} of {summary.params_total:,} |
 | bits per weight of the quantized layers (codes + scales + zeros) | {summary.bits_per_weight:.3f} |
 | checkpoint size, all tensors | {summary.bytes_before / 2**20:.1f} MiB / {summary.bytes_after / 2**20:.1f} MiB |
-
+{_calibration_row(config)}
 ## Load
 
 `pip install llmquant` first: without it, transformers skips the unknown quantization method with

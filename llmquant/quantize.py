@@ -114,9 +114,18 @@ def quantize_weight(
     Returns {"qweight": [ceil(K/V), N] int32, "scales": [G, N] scale_dtype} plus
     "qzeros": [G, N] uint8 when asymmetric.
     """
-    if method != "rtn":
-        raise ValueError(f"method must be one of ['rtn'], got {method!r}")
+    from .methods import get_method
+
+    if get_method(method).calibrated:
+        raise ValueError(
+            f"method {method!r} needs calibration data; use llmquant.quantize_(model, config, calibration=...)"
+        )
     quantized = quantize_rtn(weight, bits, group_size, sym, scale_dtype=scale_dtype, name=name)
+    return pack(quantized, bits)
+
+
+def pack(quantized: QuantizedWeight, bits: int) -> dict[str, torch.Tensor]:
+    """The stored tensors of one QuantLinear from codes/scales/zeros (see quantize_weight)."""
     packed = {"qweight": pack_codes(quantized.codes, bits), "scales": quantized.scales}
     if quantized.zeros is not None:
         packed["qzeros"] = quantized.zeros

@@ -97,7 +97,7 @@ def test_quantize_in_place_matches_quantize_on_load(stories_dir, tokens):
         ("group_size", 100),
         ("group_size", 0),
         ("sym", "yes"),
-        ("method", "gptq"),
+        ("method", "gptq2"),
         ("modules_to_not_convert", "lm_head"),
         ("format_version", 9),
     ],

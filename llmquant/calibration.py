@@ -1,0 +1,155 @@
+"""Calibration data for calibrated methods: text through `datasets`, cut into token samples.
+
+`load_calibration(tokenizer, source, nsamples, seqlen, seed)` reads a local .txt/.jsonl/.json/
+.parquet file or a Hub dataset id (its train split), joins the rows with "\\n\\n", tokenizes the
+text once without special tokens and picks `nsamples` disjoint windows of `seqlen` tokens at
+random positions chosen by `seed` (deterministic for a given seed).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import first_line
+
+if TYPE_CHECKING:  # torch is imported lazily: the CLI builds its parser from this module
+    import torch
+
+# The C4 sample beside the project (../shared/data, the path the tests use).
+DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "c4-calibration-sample.txt"
+DEFAULT_NSAMPLES = 64
+DEFAULT_SEQLEN = 256
+LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class CalibrationError(ValueError):
+    """Unusable calibration data (the CLI prints it as one line and exits with code 2)."""
+
+
+@dataclass
+class CalibrationSet:
+    """tokens: [nsamples, seqlen] int64 token ids, and where they came from."""
+
+    tokens: torch.Tensor
+    source: str
+    seed: int
+    tokens_available: int
+
+    def describe(self) -> dict:
+        """What the model card and reports record."""
+        samples, seqlen = self.tokens.shape
+        return {
+            "dataset": self.source,
+            "nsamples": samples,
+            "seqlen": seqlen,
+            "tokens": samples * seqlen,
+            "seed": self.seed,
+        }
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def load_text(source: str | Path, text_field: str = "text") -> str:
+    """All rows of `source` joined with "\\n\\n" (a .txt file as one document)."""
+    import datasets
+
+    path = Path(source).expanduser()
+    loader = LOADERS.get(path.suffix.lower())
+    try:
+        if loader is not None or path.exists():
+            if not path.is_file():
+                raise CalibrationError(f"calibration file not found: {path}")
+            if loader is None:
+                raise CalibrationError(f"calibration file {path}: expected .txt, .jsonl, .json or .parquet")
+            extra = {"sample_by": "document"} if loader == "text" else {}
+            ds = datasets.load_dataset(loader, data_files=str(path), split="train", **extra)
+        else:
+            if _offline():
+                raise CalibrationError(
+                    f"calibration dataset {str(source)!r} is not a local file and HF_HUB_OFFLINE is set"
+                )
+            ds = datasets.load_dataset(str(source), split="train")
+    except CalibrationError:
+        raise
+    except Exception as error:
+        raise CalibrationError(f"cannot read calibration data {str(source)!r}: {first_line(error)}") from None
+    if text_field not in ds.column_names:
+        raise CalibrationError(
+            f"calibration data {str(source)!r} has no field {text_field!r} (fields: {', '.join(ds.column_names)})"
+        )
+    return "\n\n".join(str(row) for row in ds[text_field] if row)
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, source: str) -> torch.Tensor:
+    """`nsamples` disjoint windows [nsamples, seqlen] of the token stream ids: [n], chosen by seed."""
+    if nsamples < 1 or seqlen < 1:
+        raise CalibrationError(f"nsamples and calib-seqlen must be positive, got {nsamples} and {seqlen}")
+    needed = nsamples * seqlen
+    if ids.numel() < needed:
+        raise CalibrationError(
+            f"calibration data {source!r} has {ids.numel():,} tokens, fewer than nsamples x calib-seqlen = "
+            f"{nsamples} x {seqlen} = {needed:,}; lower --nsamples or --calib-seqlen, or give more text"
+        )
+    import torch
+
+    windows = ids.numel() // seqlen
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(windows, generator=generator)[:nsamples].sort().values * seqlen
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def load_calibration(
+    tokenizer,
+    source: str | Path | None = None,
+    nsamples: int = DEFAULT_NSAMPLES,
+    seqlen: int = DEFAULT_SEQLEN,
+    seed: int = 0,
+    text_field: str = "text",
+) -> CalibrationSet:
+    """Token samples [nsamples, seqlen] for calibration from `source` (default: the C4 sample)."""
+    import torch
+
+    source = str(DEFAULT_CALIBRATION if source is None else source)
+    text = load_text(source, text_field)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    tokens = sample_windows(ids, nsamples, seqlen, seed, source)
+    return CalibrationSet(tokens=tokens, source=source, seed=seed, tokens_available=ids.numel())
+
+
+def add_arguments(parser) -> None:
+    """The calibration flags shared by `llmquant quantize` and `llmquant eval`."""
+    group = parser.add_argument_group("calibration (methods clip, gptq, gptq-noclip)")
+    group.add_argument(
+        "--calib",
+        default=None,
+        metavar="DATA",
+        help="local .txt/.jsonl/.json/.parquet file (field 'text') or a Hub dataset id (train split); "
+        "default: the C4 sample ../shared/data/c4-calibration-sample.txt",
+    )
+    group.add_argument(
+        "--nsamples", type=int, default=DEFAULT_NSAMPLES, help=f"calibration samples (default {DEFAULT_NSAMPLES})"
+    )
+    group.add_argument(
+        "--calib-seqlen", type=int, default=DEFAULT_SEQLEN, help=f"tokens per sample (default {DEFAULT_SEQLEN})"
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed choosing the samples (default 0)")
+
+
+def from_arguments(tokenizer, args) -> CalibrationSet:
+    """`load_calibration` with the flags of `add_arguments`."""
+    return load_calibration(tokenizer, args.calib, args.nsamples, args.calib_seqlen, args.seed)
+
+
+def load_tokenizer(src: str | Path):
+    """The tokenizer of a model folder or Hub id (CalibrationError if it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception as error:
+        raise CalibrationError(f"{src}: calibrated methods need the model's tokenizer: {first_line(error)}") from None

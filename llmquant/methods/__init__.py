@@ -1,0 +1,57 @@
+"""Quantization methods: how codes, scales and zeros are chosen. One module per method.
+
+Every method returns a `QuantizedWeight` in the same stored layout (docs/FORMAT.md), so kernels
+and loaders never depend on the method. Calibrated methods receive H = 2 X^T X / n of the layer's
+inputs (see `llmquant.calibrate`); calibration-free ones receive None.
+
+| name | calibration | what it does |
+| --- | --- | --- |
+| rtn | no | round to nearest (default) |
+| clip | yes | round to nearest with a per-group range shrink minimising the output error |
+| gptq | yes | GPTQ error feedback, contiguous-group act-order, clipping search per group (best) |
+| gptq-noclip | yes | GPTQ without the clipping search |
+| awq | yes | activation-aware channel scaling folded into norms, then clip |
+| gptq-awq | yes | activation-aware channel scaling, then gptq |
+
+Adding a method: one new module with a `quantize(weight, hessian, bits, group_size, sym,
+scale_dtype, name)` function and one `Method` line below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import awq, clip, gptq, rtn
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its function and whether it needs calibration activations."""
+
+    name: str
+    quantize: Callable
+    calibrated: bool
+    summary: str
+    scaling: bool = False  # AWQ-style channel scaling folded into norms before quantizing
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("rtn", rtn.quantize, False, "round to nearest"),
+        Method("clip", clip.quantize, True, "round to nearest, clipping search on calibration activations"),
+        Method("gptq", gptq.quantize, True, "GPTQ error feedback + clipping search (best quality)"),
+        Method("gptq-noclip", gptq.quantize_noclip, True, "GPTQ error feedback without clipping search"),
+        Method("awq", awq.quantize, True, "activation-aware channel scaling, then clip", scaling=True),
+        Method("gptq-awq", awq.quantize_gptq, True, "activation-aware channel scaling, then gptq", scaling=True),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`; ValueError listing the choices otherwise."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"method must be one of {list(METHODS)}, got {name!r}") from None

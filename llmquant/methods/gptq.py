@@ -1,0 +1,165 @@
+"""`gptq`: Hessian-based error feedback (GPTQ, Frantar et al. 2022) with static, contiguous groups.
+
+Columns are quantized one at a time; each one's rounding error, divided by the pivot of the
+upper Cholesky factor U of H^-1 (H = 2 X^T X / n + damp·I), is fed back into the columns not yet
+quantized (W[:, j] -= err · U[i, j]). Updates are applied lazily per block of columns (one block
+= one group) with one matmul to the rest of the matrix, as in the paper's implementation.
+
+Groups and the stored layout: a group's scale and zero are chosen when its first column is
+reached, from the error-updated weights of the whole group (optionally with the clipping search
+of `grid.search_clip` on the group's Hessian block). Groups are the original contiguous column
+ranges, so the packed format needs no g_idx.
+
+Act-order restricted to contiguous groups: the processing order permutes whole groups (by the sum
+of their Hessian diagonal, largest first) and, inside a group, columns (by diagonal, largest
+first). Every group is still processed as one contiguous run, so its parameters are computed
+once from weights that all still carry the feedback of earlier groups, and codes are written
+back to the original column order.
+
+Dampening: damp = percdamp · mean(diag H). If the Cholesky factorisation fails (numerically
+singular H) the dampening is multiplied by 10 with a warning, up to a bound; the result is
+checked for NaN/Inf and never returned non-finite.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..quantize import QuantizedWeight, check_finite
+from .grid import from_codes, group_params, group_spans, search_clip, to_codes
+
+PERCDAMP = 0.01
+MAX_DAMP_TRIES = 8
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = PERCDAMP, name: str = "weight") -> torch.Tensor:
+    """U, the upper Cholesky factor of (H + damp·I)^-1, H: [K, K] (float32 or float64).
+
+    Raises the dampening (x10, with a warning naming the layer) until the factorisation succeeds
+    and U is finite.
+    """
+    k = hessian.shape[0]
+    eye = torch.eye(k, dtype=hessian.dtype, device=hessian.device)
+    scale = hessian.diagonal().abs().mean().clamp(min=torch.finfo(hessian.dtype).tiny).item()
+    damp = max(percdamp, 0.0) * scale
+    for _ in range(MAX_DAMP_TRIES):
+        chol, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        if info.item() == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper
+        new_damp = max(damp * 10, 1e-4 * scale)
+        warnings.warn(
+            f"{name}: Hessian is numerically singular (Cholesky failed with dampening {damp:.3g}); "
+            f"raising the dampening to {new_damp:.3g}",
+            stacklevel=3,
+        )
+        damp = new_damp
+    raise ValueError(f"{name}: Hessian could not be factorised even with dampening {damp:.3g}")
+
+
+def processing_order(diag: torch.Tensor, spans: list[tuple[int, int]], act_order: bool) -> list[int]:
+    """Group indices in processing order: by the sum of diag(H) over the group, largest first."""
+    if not act_order:
+        return list(range(len(spans)))
+    mass = torch.stack([diag[b:e].sum() for b, e in spans])
+    return torch.argsort(mass, descending=True, stable=True).tolist()
+
+
+def quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    scale_dtype: torch.dtype,
+    name: str = "weight",
+    clip: bool = True,
+    act_order: bool = True,
+    percdamp: float = PERCDAMP,
+    block_size: int = 128,
+) -> QuantizedWeight:
+    """GPTQ codes of W: [N, K] given H: [K, K] = 2 X^T X / n of the layer's inputs.
+
+    Computes in float64 when W is float64 (the tests' reference), else float32. Returns codes
+    [N, K] uint8, scales [G, N] scale_dtype, zeros [G, N] uint8 (None when sym).
+    """
+    if hessian is None:
+        raise ValueError(f"{name}: gptq needs calibration activations (a Hessian); none were given")
+    check_finite(weight, name)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.to(dtype).clone()
+    h = hessian.to(dtype).clone()
+    n, k = w.shape
+    if not torch.isfinite(h).all():
+        raise ValueError(f"{name}: calibration activations hold NaN/Inf")
+    dead = h.diagonal() == 0  # inputs that are always zero: any value works, use 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    spans = group_spans(k, group_size)
+    order = processing_order(h.diagonal(), spans, act_order)
+    perm_parts, runs = [], []  # runs: (group index, begin, end) in the permuted column space
+    pos = 0
+    for g in order:
+        b, e = spans[g]
+        cols = torch.arange(b, e, device=w.device)
+        if act_order:
+            cols = cols[torch.argsort(h.diagonal()[b:e], descending=True, stable=True)]
+        perm_parts.append(cols)
+        runs.append((g, pos, pos + e - b))
+        pos += e - b
+    perm = torch.cat(perm_parts)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    u = inverse_hessian_factor(h, percdamp, name)
+
+    codes = torch.empty(n, k, dtype=dtype, device=w.device)
+    scales = [None] * len(spans)
+    zeros = [None] * len(spans)
+    for g, g_begin, g_end in runs:
+        w_group = w[:, g_begin:g_end]
+        ratio = search_clip(w_group, h[g_begin:g_end, g_begin:g_end], bits, sym, scale_dtype) if clip else 1.0
+        scale, zero = group_params(w_group, bits, sym, scale_dtype, ratio)
+        scales[g], zeros[g] = scale, zero
+        # lazy batches of at most block_size columns inside the group (a whole row is one group
+        # when group_size is -1)
+        for b1 in range(g_begin, g_end, block_size):
+            b2 = min(b1 + block_size, g_end)
+            w1 = w[:, b1:b2].clone()
+            u1 = u[b1:b2, b1:b2]
+            err1 = torch.empty_like(w1)
+            for i in range(b2 - b1):
+                col = w1[:, i]
+                q = to_codes(col, scale, zero, bits)
+                codes[:, b1 + i] = q
+                err = (col - from_codes(q, scale, zero)) / u1[i, i]
+                w1[:, i + 1 :] -= err.unsqueeze(1) * u1[i, i + 1 :].unsqueeze(0)
+                err1[:, i] = err
+            w[:, b1:b2] = w1
+            w[:, b2:] -= err1 @ u[b1:b2, b2:]
+
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name}: GPTQ produced non-finite values; the calibration activations are degenerate")
+    return QuantizedWeight(
+        codes=out.to(torch.uint8),
+        scales=torch.stack(scales).to(scale_dtype),
+        zeros=None if sym else torch.stack(zeros).to(torch.uint8),
+    )
+
+
+def quantize_noclip(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    scale_dtype: torch.dtype,
+    name: str = "weight",
+) -> QuantizedWeight:
+    """GPTQ without the clipping search (round-to-nearest range per group), for comparison."""
+    return quantize(weight, hessian, bits, group_size, sym, scale_dtype, name, clip=False)

@@ -1,0 +1,106 @@
+"""The quantization grid of one group, shared by every method: parameters, codes, clipping search.
+
+Same formulas as `llmquant.quantize` (docs/FORMAT.md), written per group so that calibrated
+methods can choose a group's scale and zero from updated weights and a clipping ratio:
+- asymmetric: lo = min(min(w), 0) * r, hi = max(max(w), 0) * r, scale = (hi - lo) / (2^b - 1),
+  zero = round(-lo / scale); code = clamp(round(w / scale) + zero, 0, 2^b - 1);
+- symmetric: scale = r * max|w| / (2^(b-1) - 1), implicit zero 2^(b-1), same clamp.
+r = 1 is round to nearest; r < 1 clips the range. Scales are rounded to their storage dtype
+before the codes are computed, so dequantization reproduces what the rounding saw.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quantize import QuantizedWeight, _storable
+
+# Clipping ratios tried per group and row. 1.0 first: ties keep the unclipped range. For
+# symmetric codes 8/7 (int4) lets a negative extreme use the otherwise unused code -2^(b-1).
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))
+
+
+def clip_ratios(bits: int, sym: bool) -> torch.Tensor:
+    """Candidate ratios r (float32 [R]) for the clipping search."""
+    ratios = list(CLIP_RATIOS)
+    if sym:
+        half = 1 << (bits - 1)
+        ratios.append(half / (half - 1))
+    return torch.tensor(ratios)
+
+
+def group_params(
+    w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype, ratio: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of one group per row. w: [N, g] float; ratio: scalar or [N].
+
+    Returns scale [N] (w's dtype, values exactly representable in scale_dtype) and zero [N]
+    (w's dtype, integer values; 2^(b-1) when symmetric).
+    """
+    max_code = (1 << bits) - 1
+    if sym:
+        half = 1 << (bits - 1)
+        scale = _storable(w.abs().amax(dim=1) * ratio / (half - 1), scale_dtype).to(w.dtype)
+        return scale, torch.full_like(scale, half)
+    lo = w.amin(dim=1).clamp(max=0) * ratio
+    hi = w.amax(dim=1).clamp(min=0) * ratio
+    scale = _storable((hi - lo) / max_code, scale_dtype).to(w.dtype)
+    zero = torch.clamp(torch.round(-lo / scale), 0, max_code)
+    return scale, zero
+
+
+def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (w's dtype, integer values) of w: [N, m] or [N] with per-row scale/zero [N]."""
+    if w.dim() == 2:
+        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
+
+
+def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(codes - zero) * scale, broadcasting per-row scale/zero [N] over codes [N, m] or [N]."""
+    if codes.dim() == 2:
+        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
+    return (codes - zero) * scale
+
+
+def search_clip(
+    w: torch.Tensor, hessian: torch.Tensor | None, bits: int, sym: bool, scale_dtype: torch.dtype
+) -> torch.Tensor:
+    """Per row, the ratio r minimising the group's output error d H d^T, d = w - Q(w; r).
+
+    w: [N, g] float; hessian: [g, g] (the group's block of 2 X^T X / n; None means the identity,
+    i.e. plain weight error). Returns ratio [N] in w's dtype; r = 1 wins ties, so the result is
+    never worse than round to nearest on this objective.
+    """
+    best_err = None
+    best = torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
+    for r in clip_ratios(bits, sym).tolist():
+        scale, zero = group_params(w, bits, sym, scale_dtype, r)
+        d = w - from_codes(to_codes(w, scale, zero, bits), scale, zero)
+        err = (d * d).sum(1) if hessian is None else ((d @ hessian) * d).sum(1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    return best
+
+
+def dequantize(q: QuantizedWeight, bits: int, group_size: int) -> torch.Tensor:
+    """W: [N, K] float32 from codes/scales/zeros (what QuantLinear computes), for error checks."""
+    n, k = q.codes.shape
+    out = torch.empty(n, k, dtype=torch.float32, device=q.codes.device)
+    for g, (begin, end) in enumerate(group_spans(k, group_size)):
+        scale = q.scales[g].float()
+        zero = torch.full_like(scale, 1 << (bits - 1)) if q.zeros is None else q.zeros[g].float()
+        out[:, begin:end] = from_codes(q.codes[:, begin:end].float(), scale, zero)
+    return out
+
+
+def group_spans(in_features: int, group_size: int) -> list[tuple[int, int]]:
+    """[begin, end) column ranges of the groups of a row, the last one possibly shorter."""
+    from ..kernels.pack import effective_group_size
+
+    group = effective_group_size(group_size, in_features)
+    return [(b, min(b + group, in_features)) for b in range(0, in_features, group)]

@@ -1,0 +1,208 @@
+"""Calibrated methods (gptq, clip) on real data: per-layer error vs RTN, a float64 reference of
+GPTQ, saving and loading, bad inputs."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import llmquant
+from llmquant import QuantConfig, QuantLinear
+from llmquant.calibration import CalibrationError, load_calibration, sample_windows
+from llmquant.methods import METHODS, get_method, gptq
+from llmquant.methods.grid import dequantize
+from llmquant.quantize import quantize_rtn
+
+TEXT = "tinystories-valid-excerpt.txt"
+
+
+@pytest.fixture(scope="module")
+def stories(stories_dir):
+    """(tokenizer, calibration set from the first part of the text, held-aside tokens [4, 128])."""
+    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
+    path = stories_dir.parent / TEXT
+    ids = torch.tensor(tokenizer(path.read_text(), add_special_tokens=False)["input_ids"])
+    held = ids[-4 * 128 :].view(4, 128)
+    calibration = llmquant.CalibrationSet(
+        tokens=sample_windows(ids[: -4 * 128], 16, 128, 0, str(path)), source=str(path), seed=0, tokens_available=0
+    )
+    return tokenizer, calibration, held
+
+
+def linear_inputs(model, tokens):
+    """{linear name: its input rows [n, K] float64} of the float model on tokens."""
+    inputs, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, a, name=name: inputs.__setitem__(name, a[0].reshape(-1, a[0].shape[-1]).double())
+                )
+            )
+    with torch.no_grad():
+        model(input_ids=tokens)
+    for h in handles:
+        h.remove()
+    return inputs
+
+
+@pytest.mark.parametrize("method", ["gptq", "clip"])
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 64, False), (3, 32, True)])
+def test_every_linear_beats_rtn_on_held_aside_tokens(stories_dir, stories, method, bits, group_size, sym):
+    _, calibration, held = stories
+    float_model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    inputs = linear_inputs(float_model, held)
+    weights = {n: m.weight.detach().double() for n, m in float_model.named_modules() if n in inputs}
+    model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    config = QuantConfig(bits=bits, group_size=group_size, sym=sym, method=method)
+    llmquant.quantize_(model, config, calibration=calibration, progress=False)
+    assert len(weights) == 35
+    for name, w in weights.items():
+        module = model.get_submodule(name)
+        assert isinstance(module, QuantLinear)
+        rtn = quantize_rtn(w.float(), bits, group_size, sym, name=name)
+        w_rtn = dequantize(rtn, bits, group_size).double()
+        x = inputs[name]
+        err = (x @ (module.dequantize(torch.float32).double() - w).t()).pow(2).sum()
+        err_rtn = (x @ (w_rtn - w).t()).pow(2).sum()
+        assert err <= err_rtn, f"{name}: {method} output error {err:.4g} > RTN {err_rtn:.4g}"
+
+
+def reference_gptq(w, h, bits, group_size, percdamp=0.01):
+    """The GPTQ algorithm as written in the paper, float64, column by column: quantize column j,
+    spread its error over the later columns with the inverse Hessian, then eliminate j from the
+    inverse (H^-1 <- H^-1 - H^-1[:, j] H^-1[j, :] / H^-1[j, j]). Group parameters (asymmetric,
+    round to nearest) come from the updated weights at each group's first column."""
+    w = w.clone()
+    k = w.shape[1]
+    h = h + percdamp * h.diagonal().mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.inv(h)
+    max_code = 2**bits - 1
+    codes = torch.zeros_like(w)
+    for j in range(k):
+        if j % group_size == 0:
+            group = w[:, j : j + group_size]
+            lo = group.min(1).values.clamp(max=0)
+            hi = group.max(1).values.clamp(min=0)
+            scale = (hi - lo) / max_code
+            zero = torch.round(-lo / scale)
+        codes[:, j] = torch.clamp(torch.round(w[:, j] / scale) + zero, 0, max_code)
+        err = (w[:, j] - (codes[:, j] - zero) * scale) / hinv[j, j]
+        w[:, j + 1 :] -= err[:, None] * hinv[j, j + 1 :][None, :]
+        hinv = hinv - hinv[:, j : j + 1] @ hinv[j : j + 1, :] / hinv[j, j]
+    return codes
+
+
+def test_gptq_update_matches_float64_reference():
+    torch.manual_seed(0)
+    k, n = 96, 40
+    x = torch.randn(512, k, dtype=torch.float64) @ torch.randn(k, k, dtype=torch.float64)  # correlated inputs
+    h = 2 * x.t() @ x / x.shape[0]
+    w = torch.randn(n, k, dtype=torch.float64)
+    ours = gptq.quantize(w, h, 4, 32, False, torch.float64, clip=False, act_order=False)
+    expected = reference_gptq(w, h, 4, 32)
+    assert torch.equal(ours.codes.double(), expected)
+    # and the feedback matters: plain rounding gives other codes
+    assert not torch.equal(quantize_rtn(w, 4, 32, False).codes, ours.codes)
+
+
+def test_singular_hessian_raises_dampening_with_a_warning_and_stays_finite():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    h = torch.ones(64, 64)  # rank 1: Cholesky fails without dampening
+    with pytest.warns(UserWarning, match="numerically singular"):
+        q = gptq.quantize(w, h, 4, 32, False, torch.float32, percdamp=0.0, name="layer.weight")
+    assert torch.isfinite(q.scales).all() and torch.isfinite(dequantize(q, 4, 32)).all()
+
+
+def test_saved_gptq_model_loads_with_the_same_logits(stories_dir, stories, tmp_path):
+    _, calibration, held = stories
+    model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method="gptq"), calibration=calibration)
+    record = model.config.quantization_config.calibration
+    assert record["tokens"] == 16 * 128 and record["dataset"].endswith(TEXT)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config.quantization_config.method == "gptq"
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=held).logits, again(input_ids=held).logits)
+
+
+def test_calibration_is_deterministic_and_checks_its_size(stories_dir):
+    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
+    path = stories_dir.parent / TEXT
+    a = load_calibration(tokenizer, path, nsamples=8, seqlen=64, seed=1)
+    b = load_calibration(tokenizer, path, nsamples=8, seqlen=64, seed=1)
+    c = load_calibration(tokenizer, path, nsamples=8, seqlen=64, seed=2)
+    assert a.tokens.shape == (8, 64) and torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    with pytest.raises(CalibrationError, match="fewer than nsamples x calib-seqlen"):
+        load_calibration(tokenizer, path, nsamples=1000, seqlen=512)
+    with pytest.raises(CalibrationError, match="not found"):
+        load_calibration(tokenizer, path.with_name("missing.txt"))
+
+
+def test_default_calibration_is_the_shared_c4_sample():
+    from llmquant.calibration import DEFAULT_CALIBRATION
+
+    assert DEFAULT_CALIBRATION.is_file() and DEFAULT_CALIBRATION.name == "c4-calibration-sample.txt"
+
+
+def test_method_names_and_errors(stories_dir):
+    choices = r"method must be one of \['rtn', 'clip', 'gptq', 'gptq-noclip', 'awq', 'gptq-awq'\]"
+    with pytest.raises(ValueError, match=choices):
+        QuantConfig(method="awq2")
+    assert not get_method("rtn").calibrated and all(METHODS[m].calibrated for m in ("clip", "gptq"))
+    config = QuantConfig.from_short_name("int4-g128-sym-gptq")
+    assert (config.bits, config.group_size, config.sym, config.method) == (4, 128, True, "gptq")
+    assert config.short_name() == "int4-g128-sym-gptq" and QuantConfig.from_short_name("int8-gall").method == "rtn"
+    model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    with pytest.raises(ValueError, match="calibration"):
+        llmquant.quantize_(model, QuantConfig(method="gptq"))
+    with pytest.raises(ValueError, match="quantize_"):
+        AutoModelForCausalLM.from_pretrained(stories_dir, quantization_config=QuantConfig(method="gptq"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rtn through quantize_ stays calibration-free
+        llmquant.quantize_(model, QuantConfig(bits=4, group_size=32), progress=False)
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptq-awq"])
+def test_cli_checkpoint_equals_quantize_(stories_dir, tmp_path, capsys, method):
+    from llmquant.cli import main
+
+    text = stories_dir.parent / TEXT
+    out = tmp_path / "q"
+    flags = ["--calib", str(text), "--nsamples", "8", "--calib-seqlen", "64", "--seed", "3"]
+    args = ["quantize", str(stories_dir), "-o", str(out), "--group-size", "32", "--method", method, "--quiet"]
+    assert main([*args, *flags]) == 0
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    config = saved.config.quantization_config
+    assert config.method == method and config.calibration["tokens"] == 8 * 64
+    assert method in (out / "README.md").read_text() and "512 tokens" in (out / "README.md").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
+    calibration = load_calibration(tokenizer, text, nsamples=8, seqlen=64, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method=method), calibration=calibration)
+    ids = torch.arange(3, 67).view(1, 64)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, saved(input_ids=ids).logits)
+    # too few calibration tokens: one line, exit 2, nothing written
+    capsys.readouterr()
+    bad = ["quantize", str(stories_dir), "-o", str(tmp_path / "bad"), "--method", "gptq", "--calib", str(text)]
+    assert main([*bad, "--nsamples", "1000", "--calib-seqlen", "512"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fewer than nsamples x calib-seqlen" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_awq_folds_scales_into_norms_and_names_the_layers_it_skips(stories_dir, stories):
+    _, calibration, held = stories
+    model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    norm_before = model.model.layers[0].input_layernorm.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"no channel scaling for mlp\.down_proj, self_attn\.o_proj"):
+        llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method="awq"), calibration=calibration)
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm_before)  # scales folded
+    float_model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    with torch.no_grad():
+        loss = model(input_ids=held, labels=held).loss
+        assert loss < float_model(input_ids=held, labels=held).loss + 0.2  # still the same function, roughly
