@@ -6,6 +6,7 @@ model = AutoModelForCausalLM.from_pretrained(path, quantization_config=llmquant.
 
 from .config import QuantConfig
 from .convert import dequantize_, quantize_
+from .formats.load import load
 from .hf import register as _register
 from .linear import QuantLinear
 from .stats import bits_per_weight, model_size_bytes
@@ -13,4 +14,4 @@ from .stats import bits_per_weight, model_size_bytes
 _register()
 
 __version__ = "0.1.0"
-__all__ = ["QuantConfig", "QuantLinear", "bits_per_weight", "dequantize_", "model_size_bytes", "quantize_"]
+__all__ = ["QuantConfig", "QuantLinear", "bits_per_weight", "dequantize_", "load", "model_size_bytes", "quantize_"]

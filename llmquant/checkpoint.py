@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .errors import CheckpointError
+from .formats import get_format
 from .modelcard import write_model_card
 from .plan import output_specs, quantizable_weights
 from .publish import copy_side_files, staged_output
@@ -36,6 +37,7 @@ class Summary:
     bytes_after: int = 0
     seconds: float = 0.0
     layers: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def bits_per_weight(self) -> float:
@@ -50,8 +52,10 @@ def quantize_checkpoint(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    fmt: str = "llmquant",
 ) -> Summary:
-    """Quantize the checkpoint at `src` (folder or Hub id) into the folder `out`."""
+    """Quantize the checkpoint at `src` (folder or Hub id) into the folder `out`, written in
+    format `fmt`: "llmquant", "gptq" or "compressed-tensors" (llmquant/formats/)."""
     start = time.perf_counter()
     out = Path(out).expanduser()
     max_bytes = parse_size(max_shard_size)
@@ -62,8 +66,9 @@ def quantize_checkpoint(
     files = weight_files(source)
     targets, skip = quantizable_weights(source, config)
     saved_config = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": skip})
+    layout = get_format(fmt)
 
-    summary = Summary()
+    summary = Summary(warnings=layout.engine_warnings(saved_config))
     with staged_output(out) as staging:
         source_specs = tensor_specs(files)
         missing = sorted(set(targets) - {spec.name for spec in source_specs})
@@ -72,7 +77,7 @@ def quantize_checkpoint(
                 f"{len(missing)} linear weights of the model are not in the checkpoint (first: {missing[0]!r}); "
                 "is the checkpoint complete?"
             )
-        writer = ShardedWriter(staging, output_specs(source_specs, targets, config), max_bytes)
+        writer = ShardedWriter(staging, output_specs(source_specs, targets, config, fmt), max_bytes)
         bar = tqdm(total=len(targets), desc="quantizing", unit="layer", disable=not progress)
         for name, tensor in iter_tensors(files):
             summary.bytes_before += tensor.numel() * tensor.element_size()
@@ -84,6 +89,7 @@ def quantize_checkpoint(
                 tensor, config.bits, config.group_size, config.sym, method=config.method, name=name
             )
             module = targets[name]
+            packed = layout.export_layer(module, packed, *tensor.shape, saved_config)
             for key, value in packed.items():
                 writer.write(f"{module}.{key}", value)
                 summary.quantized_bytes += value.numel() * value.element_size()
@@ -93,9 +99,9 @@ def quantize_checkpoint(
         bar.close()
         writer.close()
         summary.bytes_after = writer.total_bytes
-        model_config["quantization_config"] = saved_config.to_dict()
+        model_config["quantization_config"] = layout.quantization_config(saved_config)
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         copy_side_files(source, staging)
-        write_model_card(staging / "README.md", base_model=src, config=saved_config, summary=summary)
+        write_model_card(staging / "README.md", base_model=src, config=saved_config, summary=summary, fmt=fmt)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -9,7 +9,6 @@ import torch
 from .config import QuantConfig
 from .convert import linear_layers, modules_to_skip
 from .errors import CheckpointError
-from .kernels.pack import num_groups, packed_rows
 from .shards import TensorSpec
 
 
@@ -28,9 +27,15 @@ def quantizable_weights(src: Path, config: QuantConfig) -> tuple[dict[str, str],
     return {f"{name}.weight": name for name, _ in layers}, modules_to_skip(model, config)
 
 
-def output_specs(source: list[TensorSpec], targets: dict[str, str], config: QuantConfig) -> list[TensorSpec]:
-    """What the quantized checkpoint holds: each target weight becomes qweight, scales (in the
-    weight's dtype) and, asymmetric, qzeros; every other tensor is copied."""
+def output_specs(
+    source: list[TensorSpec], targets: dict[str, str], config: QuantConfig, fmt: str = "llmquant"
+) -> list[TensorSpec]:
+    """What the quantized checkpoint holds: each target weight becomes the tensors of format
+    `fmt` (llmquant: qweight, scales in the weight's dtype and, asymmetric, qzeros); every other
+    tensor is copied. A layer the format cannot express is refused here, before writing."""
+    from .formats import get_format
+
+    layout = get_format(fmt)
     specs = []
     for spec in source:
         if spec.name not in targets:
@@ -39,9 +44,6 @@ def output_specs(source: list[TensorSpec], targets: dict[str, str], config: Quan
         if len(spec.shape) != 2 or not spec.dtype.is_floating_point:
             raise CheckpointError(f"tensor {spec.name!r} is {spec.dtype} {spec.shape}, not a 2-D float linear weight")
         n, k = spec.shape
-        module, groups = targets[spec.name], num_groups(k, config.group_size)
-        specs.append(TensorSpec(f"{module}.qweight", torch.int32, (packed_rows(k, config.bits), n)))
-        specs.append(TensorSpec(f"{module}.scales", spec.dtype, (groups, n)))
-        if not config.sym:
-            specs.append(TensorSpec(f"{module}.qzeros", torch.uint8, (groups, n)))
+        layout.check_layer(targets[spec.name], n, k, config)
+        specs += layout.layer_specs(targets[spec.name], n, k, spec.dtype, config)
     return specs
