@@ -156,3 +156,10 @@ def test_cli_refuses_unexpressible_before_writing(stories_dir, tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and not out.exists() and not list(tmp_path.iterdir())
     assert "mlp.down_proj: group size 32 does not divide in_features 172" in err and len(err.splitlines()) == 1
+
+
+def test_eval_loads_foreign_folders(exports):
+    from llmquant.evals.cli import load_model
+
+    model = load_model(str(exports / "gptq"), torch.float32, torch.device("cpu"))
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 35
