@@ -15,13 +15,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from llmquant.errors import first_line
 
 from . import EvalError
-from .meta import environment
+
+if TYPE_CHECKING:  # torch loads on first use: `llmquant --help` must not import it
+    import torch
 
 VERSION_KEYS = ("python", "torch", "transformers", "llmquant", "triton", "datasets")
 
@@ -121,6 +122,8 @@ def parse_configs(text: str) -> list:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -130,6 +133,8 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """The compute dtype: as asked, else float32 on CPU (fp16 matmuls are slow there), float16 on GPU."""
+    import torch
+
     return getattr(torch, name or ("float32" if device.type == "cpu" else "float16"))
 
 
@@ -197,9 +202,13 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Do the run described by parsed ``args``; returns the payload (see ``report``)."""
+    import torch
+
     import llmquant
+    from llmquant.stats import checkpoint_dtype
 
     from .data import load_text, make_windows, tokenize
+    from .meta import environment
     from .perplexity import compare_bare_loop, score, summarize
 
     device = resolve_device(args.device)
@@ -247,7 +256,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         vocab = models[name].get_output_embeddings().weight.shape[0]
         if len(tokenizer) > vocab:
             raise EvalError(f"tokenizer has {len(tokenizer)} tokens but {path} has an output head of {vocab}")
-        bpw = llmquant.bits_per_weight(models[name])
+        # bits/weight with scales at the checkpoint's dtype, as `llmquant quantize` reports it (stats.py)
+        bpw = llmquant.bits_per_weight(models[name], scale_dtype=checkpoint_dtype(path))
         info[name] = {
             "name": name,
             "path": str(Path(path).resolve()),

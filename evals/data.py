@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from llmquant.errors import first_line
+from llmquant.errors import first_line, with_cause
+from llmquant.source import looks_like_path
 
 from . import EvalError
 
@@ -43,7 +44,7 @@ def load_text(dataset: str, split: str | None = None, text_field: str = "text") 
     ``test`` for Hub datasets; local files hold a single split.
     """
     path = Path(dataset).expanduser()
-    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or looks_like_path(dataset):
         return _load_local(path, text_field)
     if dataset in KNOWN_DATASETS:
         hub, config, default_split = KNOWN_DATASETS[dataset]
@@ -67,7 +68,7 @@ def _load_local(path: Path, text_field: str) -> str:
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for malformed files
-        raise EvalError(f"cannot read {path}: {type(e).__name__}: {first_line(e)}") from None
+        raise EvalError(f"cannot read {path}: {with_cause(e)}") from None
     return _column_text(ds, text_field, str(path))
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from llmquant.progress import progress_bar
 
 from .data import Window, batches
 
@@ -114,7 +115,7 @@ def score(
     vocab = parts[names[0]][1].weight.shape[0]
     chunk = chunk_rows or max(1, LOGITS_BUDGET // vocab)
     out = {n: Scored(n) for n in names}
-    for batch in tqdm(batches(windows, batch_size), desc="windows", unit="batch", disable=not progress):
+    for batch in progress_bar(batches(windows, batch_size), enabled=progress, desc="windows", unit="batch"):
         ids = torch.stack([tokens[w.begin : w.end] for w in batch]).to(device)  # [B, T]
         mask = target_mask(batch, device)  # [B, T-1]
         targets = ids[:, 1:][mask]  # [M]

@@ -15,7 +15,7 @@ COLUMNS = (
     "model",
     "method",
     "bits/w",
-    "size MB",
+    "memory MiB",
     "ppl",
     "Δppl [95% CI]",
     "KL",
@@ -23,7 +23,7 @@ COLUMNS = (
     "tokens",
     "s",
     "tok/s",
-    "peak MB",
+    "peak MiB",
 )
 
 
@@ -101,9 +101,11 @@ def markdown(payload: dict, notes: list[str] | None = None) -> str:
         "- KL: mean over scored positions of KL(baseline ‖ model) of the next-token distributions; "
         "top-1: share of those positions where both models' argmax agree.",
         "- bits/w: stored bits per weight of the quantized linear layers (codes + scales + zeros; "
-        "embeddings and lm_head stay in floating point); for the baseline, the bits of the dtype it ran in. "
-        "size: all parameters and buffers as loaded. s, tok/s: each model's own forward + lm_head time; "
-        "peak MB: " + meta["peak_memory_kind"] + ".",
+        "scales at the checkpoint's dtype; embeddings and lm_head stay in floating point and are not counted); "
+        "for the baseline, the bits of the dtype it ran in. "
+        "memory MiB: all parameters and buffers of the whole model as loaded (compute dtype, CPU kernel copy "
+        "included). s, tok/s: each model's own forward + lm_head time; "
+        "peak MiB: " + meta["peak_memory_kind"] + ".",
         f"- Command: `{meta['command']}`",
         f"- Versions: {versions}; git commit {meta['git_commit'] or 'none'}; {meta['date']}.",
     ]

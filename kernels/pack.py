@@ -31,7 +31,9 @@ def packed_rows(in_features: int, bits: int) -> int:
 
 
 def effective_group_size(group_size: int, in_features: int) -> int:
-    """group_size -1 means one group spanning the whole row."""
+    """group_size -1 means one group spanning the whole row; otherwise it must be positive."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
+        raise ValueError(f"group_size must be a positive integer or -1 (whole row), got {group_size!r}")
     return in_features if group_size == -1 else group_size
 
 

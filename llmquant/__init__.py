@@ -2,16 +2,91 @@
 
 import llmquant
 model = AutoModelForCausalLM.from_pretrained(path, quantization_config=llmquant.QuantConfig(bits=4))
+
+`import llmquant` is cheap: torch and transformers load on first use of a public name, so the
+`llmquant` command answers `--help` and argument errors without them. The transformers integration
+(quant_method "llmquant") is registered as soon as transformers' quantizer registry is imported,
+before or after `import llmquant`, so `from_pretrained(quantized_dir)` works after a bare import.
 """
 
-from .config import QuantConfig
-from .convert import dequantize_, quantize_
-from .formats.load import load
-from .hf import register as _register
-from .linear import QuantLinear
-from .stats import bits_per_weight, model_size_bytes
+from __future__ import annotations
 
-_register()
+import importlib
+import importlib.util
+import sys
+from importlib.abc import Loader, MetaPathFinder
+from importlib.machinery import ModuleSpec
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["QuantConfig", "QuantLinear", "bits_per_weight", "dequantize_", "load", "model_size_bytes", "quantize_"]
+
+# public name -> submodule defining it
+_LAZY = {
+    "QuantConfig": "config",
+    "QuantLinear": "linear",
+    "bits_per_weight": "stats",
+    "model_size_bytes": "stats",
+    "dequantize_": "convert",
+    "quantize_": "convert",
+    "load": "formats.load",
+}
+_REGISTRY_MODULE = "transformers.quantizers"  # the package that re-exports register_quantizer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):
+        try:  # submodules as attributes (llmquant.hf, llmquant.linear, ...)
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+def _register() -> None:
+    from .hf import register
+
+    register()
+
+
+class _RegisterAfterImport(Loader):
+    """Runs the real loader of transformers.quantizers, then registers llmquant with it."""
+
+    def __init__(self, loader: Loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: ModuleSpec) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        _register()
+
+
+class _RegistryHook(MetaPathFinder):
+    """A post-import hook on transformers.quantizers (removed once it has fired)."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> ModuleSpec | None:
+        if fullname != _REGISTRY_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _RegisterAfterImport(spec.loader)
+        return spec
+
+
+if _REGISTRY_MODULE in sys.modules:
+    _register()
+elif not any(isinstance(finder, _RegistryHook) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegistryHook())

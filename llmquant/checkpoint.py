@@ -13,17 +13,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
+import torch
 
 from .config import QuantConfig
 from .errors import CheckpointError
 from .formats import get_format
 from .modelcard import write_model_card
-from .plan import output_specs, quantizable_weights
-from .publish import copy_side_files, staged_output
+from .plan import check_shapes, output_specs, quantizable_weights
+from .progress import progress_bar
+from .publish import check_output, copy_side_files, staged_output
 from .quantize import quantize_weight
 from .shards import ShardedWriter, parse_size
 from .source import iter_tensors, read_config, resolve_source, tensor_specs, weight_files
+from .stats import bits_from_bytes
 
 
 @dataclass
@@ -41,8 +43,15 @@ class Summary:
 
     @property
     def bits_per_weight(self) -> float:
-        """Stored bits (codes + scales + zeros) per weight of the quantized layers."""
-        return 8 * self.quantized_bytes / max(self.params_quantized, 1)
+        """Stored bits (codes + scales + zeros) per weight of the quantized layers (llmquant/stats.py)."""
+        return bits_from_bytes(self.quantized_bytes, self.params_quantized)
+
+
+def check_finite_copy(name: str, tensor: torch.Tensor) -> None:
+    """A tensor copied as is must be finite too: NaN/Inf in e.g. a norm weight breaks every output."""
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"tensor {name!r} has {bad} NaN/Inf values; refusing to write a checkpoint with it")
 
 
 def quantize_checkpoint(
@@ -59,30 +68,29 @@ def quantize_checkpoint(
     start = time.perf_counter()
     out = Path(out).expanduser()
     max_bytes = parse_size(max_shard_size)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
+    # Every check that can fail runs before the first byte is written.
     source = resolve_source(src)
     model_config = read_config(source)
+    check_output(out, source, overwrite)
     files = weight_files(source)
-    targets, skip = quantizable_weights(source, config)
-    saved_config = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": skip})
+    skeleton = quantizable_weights(source, config)
+    targets = skeleton.targets
+    saved_config = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": skeleton.skip})
+    source_specs = tensor_specs(files)
+    check_shapes(source_specs, skeleton, source / "config.json")
     layout = get_format(fmt)
+    specs = output_specs(source_specs, targets, config, fmt)
 
     summary = Summary(warnings=layout.engine_warnings(saved_config))
     with staged_output(out) as staging:
-        source_specs = tensor_specs(files)
-        missing = sorted(set(targets) - {spec.name for spec in source_specs})
-        if missing:
-            raise CheckpointError(
-                f"{len(missing)} linear weights of the model are not in the checkpoint (first: {missing[0]!r}); "
-                "is the checkpoint complete?"
-            )
-        writer = ShardedWriter(staging, output_specs(source_specs, targets, config, fmt), max_bytes)
-        bar = tqdm(total=len(targets), desc="quantizing", unit="layer", disable=not progress)
+        writer = ShardedWriter(staging, specs, max_bytes)
+        bar = progress_bar(total=len(targets), enabled=progress, desc="quantizing", unit="layer")
         for name, tensor in iter_tensors(files):
             summary.bytes_before += tensor.numel() * tensor.element_size()
             summary.params_total += tensor.numel()
             if name not in targets:
+                if tensor.is_floating_point():
+                    check_finite_copy(name, tensor)
                 writer.write(name, tensor)
                 continue
             packed = quantize_weight(

@@ -115,9 +115,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
         f"  {config.short_name()} ({config.method}): {summary.params_quantized:,} of {summary.params_total:,} "
         f"parameters quantized in {len(summary.layers)} layers"
     )
-    print(f"  bits per weight (codes + scales + zeros): {summary.bits_per_weight:.3f}")
+    print(f"  bits per weight of the quantized layers (codes + scales + zeros): {summary.bits_per_weight:.3f}")
     print(
-        f"  size: {summary.bytes_before / mib:.1f} MiB -> {summary.bytes_after / mib:.1f} MiB "
+        f"  checkpoint size, all tensors: {summary.bytes_before / mib:.1f} MiB -> {summary.bytes_after / mib:.1f} MiB "
         f"({summary.bytes_before / max(summary.bytes_after, 1):.2f}x smaller)"
     )
     print(f"  time: {summary.seconds:.1f} s")

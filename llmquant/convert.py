@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .linear import QuantLinear
+from .progress import progress_bar
+from .quantize import check_finite
 
 
 def default_skip(model: nn.Module) -> list[str]:
@@ -24,6 +25,21 @@ def modules_to_skip(model: nn.Module, config: QuantConfig) -> list[str]:
 def is_skipped(name: str, skip: list[str]) -> bool:
     """A module is skipped when a skip entry equals its name or a dotted suffix/prefix of it."""
     return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+
+
+def check_skip_matches(model: nn.Module, config: QuantConfig) -> None:
+    """Refuse a modules_to_not_convert entry (--skip) that matches no module: a typo would
+    otherwise quantize the layer it meant to keep, silently. The default (None) is not checked."""
+    if config.modules_to_not_convert is None:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [s for s in config.modules_to_not_convert if not any(is_skipped(name, [s]) for name in names)]
+    if unmatched:
+        linears = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"modules_to_not_convert (--skip) {unmatched[0]!r} matches no module of the model; "
+            f"its linear layers are named {', '.join(linears[:12])}"
+        )
 
 
 def linear_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
@@ -68,8 +84,14 @@ def replace_with_empty_quant_linear(model: nn.Module, config: QuantConfig, dtype
 def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True) -> nn.Module:
     """Quantize `model` in place: every selected nn.Linear becomes a QuantLinear (RTN codes,
     scales in the weight's dtype). Returns the model."""
+    check_skip_matches(model, config)
     layers = linear_layers(model, config)
-    for name, linear in tqdm(layers, desc="quantizing", unit="layer", disable=not progress):
+    for name, linear in layers:  # all or nothing: refuse a bad layer before converting any
+        if not linear.weight.is_floating_point() or linear.weight.is_meta:
+            weight = linear.weight
+            raise ValueError(f"layer {name!r} has a {weight.dtype} weight on {weight.device}; cannot quantize it")
+        check_finite(linear.weight, f"{name}.weight")
+    for name, linear in progress_bar(layers, enabled=progress, desc="quantizing", unit="layer"):
         _set_module(
             model,
             name,

@@ -10,3 +10,13 @@ class CheckpointError(ValueError):
 def first_line(error: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name if the message is empty)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+def with_cause(error: BaseException, limit: int = 300) -> str:
+    """'Type: first line' of an exception, followed by its first cause when there is one (wrappers
+    such as datasets' "An error occurred while generating the dataset" hide the real problem)."""
+    text = f"{type(error).__name__}: {first_line(error, limit)}"
+    cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    if cause is not None:
+        text += f" (caused by {type(cause).__name__}: {first_line(cause, limit)})"
+    return text

@@ -10,6 +10,8 @@ floating-point model once.
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 import torch
@@ -23,6 +25,36 @@ from transformers.quantizers.auto import (
 
 from .config import QUANT_METHOD, QuantConfig
 from .convert import dequantize_, modules_to_skip, quantize_, replace_with_empty_quant_linear
+from .verify import check_checkpoint, check_loaded, guard_unknown_quant_method
+
+logger = logging.getLogger(__name__)
+CPU_COMPUTE_DTYPE = torch.float32  # measured fastest here (evals/bench_cpu.py); fp16/bf16 GEMMs are emulated
+
+
+def _dtype_left_to_auto() -> bool:
+    """True when the running `from_pretrained` call got no dtype (or dtype="auto").
+
+    transformers resolves "auto" to the checkpoint's dtype before asking the quantizer
+    (update_dtype), so the only place that still tells an explicit dtype from the default is the
+    caller's frame. If it cannot be found, the dtype counts as explicit (left alone).
+    """
+    frame = sys._getframe(1)
+    for _ in range(8):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "from_pretrained" and "dtype" in frame.f_locals:
+            given = frame.f_locals["dtype"]
+            return given == "auto" and frame.f_locals.get("torch_dtype") in (None, "auto")
+    return False
+
+
+def _on_cpu(device_map: Any) -> bool:
+    if device_map is None:
+        return True
+    if isinstance(device_map, dict):
+        return all(str(v) == "cpu" for v in device_map.values())
+    return str(device_map) == "cpu"
 
 
 class LlmquantHfQuantizer(HfQuantizer):
@@ -38,10 +70,24 @@ class LlmquantHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
+        self._device_map = device_map
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError(
                 "llmquant cannot offload quantized layers to disk; use device_map='auto' with enough memory"
             )
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """On CPU with no explicit dtype: compute in float32, not the checkpoint's float16."""
+        if dtype in (torch.float16, torch.bfloat16) and _on_cpu(getattr(self, "_device_map", None)):
+            if _dtype_left_to_auto():
+                logger.warning(
+                    "llmquant: loading on CPU in float32 (the checkpoint's %s is ~2x slower on this CPU); "
+                    "pass dtype=%s to keep it",
+                    str(dtype).removeprefix("torch."),
+                    dtype,
+                )
+                return CPU_COMPUTE_DTYPE
+        return dtype
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
         config = self.quantization_config
@@ -52,11 +98,18 @@ class LlmquantHfQuantizer(HfQuantizer):
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype) if dtype != "auto" else torch.float16
             replace_with_empty_quant_linear(model, config, dtype)
+            check_checkpoint(model, config, kwargs.get("checkpoint_files"))
         model.config.quantization_config = config
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if not self.pre_quantized:
             quantize_(model, self.quantization_config, progress=False)
+        check_loaded(model, self.quantization_config)
+        from .linear import QuantLinear
+
+        for module in model.modules():  # the CPU kernel's copy of the codes, made now, counted now
+            if isinstance(module, QuantLinear) and module.qweight.device.type == "cpu":
+                module.prepare_cpu()
         return model
 
     def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
@@ -80,3 +133,4 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(QuantConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(LlmquantHfQuantizer)
+    guard_unknown_quant_method()

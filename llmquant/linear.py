@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu
 from .kernels.pack import effective_group_size, num_groups, packed_rows, values_per_word
 from .quantize import quantize_weight
 
@@ -59,6 +60,12 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # CPU decode kernel's copy of the codes (llmquant/cpu.py): memory the model holds, so a
+        # buffer (counted by model_size_bytes), but not persistent (state_dict keeps FORMAT.md).
+        self.register_buffer("cpu_packed", None, persistent=False)
+        self.register_buffer("cpu_scales_zeros", None, persistent=False)
+        self._cpu_group: int | None = None
+        self._cpu_key: tuple | None = None  # which qweight/scales the copy was made from
 
     @classmethod
     def from_linear(
@@ -85,6 +92,7 @@ class QuantLinear(nn.Module):
         """Copy packed tensors (as returned by quantize_weight) into the buffers."""
         for key, value in packed.items():
             getattr(self, key).copy_(value)
+        self._cpu_key = None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as the kernels see it: W [N, K] in `dtype` (default: the scales' dtype)."""
@@ -119,12 +127,59 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_triton(x):
-            from .kernels.triton_matmul import quant_matmul
+            return self._forward_triton(x)
+        if x.device.type == "cpu":
+            return self._forward_cpu(x)
+        return self._forward_dequantize(x)
 
-            return quant_matmul(x, self.qweight, self.scales, self.qzeros, self.bias, self.bits, self.group_size)
+    def _forward_dequantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize W in x's dtype, then one GEMM: any device, any shape."""
         weight = self._dequantize_kn(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight.t(), bias)
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): y [..., N] in x.dtype.
+
+        Under torch.compile: the `llmquant::quant_matmul` custom op (traceable, fullgraph=True).
+        Eager: a direct launch; the weights are validated once (again only if the buffers are
+        replaced, e.g. by `.to()`), and the launch config is cached per (M bucket, dtype) on the module.
+        """
+        from .kernels import dispatch
+
+        qweight, scales, qzeros, bias = self.qweight, self.scales, self.qzeros, self.bias
+        if torch.compiler.is_compiling():
+            return dispatch.quant_matmul(x, qweight, scales, qzeros, bias, self.bits, self.group_size)
+        prep = self.__dict__.get("_triton_prepared")
+        if prep is None or prep.key != dispatch.weights_key(qweight, scales, qzeros, bias):
+            prep = dispatch.prepare(qweight, scales, qzeros, bias, self.bits, self.group_size, self.in_features)
+            self.__dict__["_triton_prepared"] = prep
+        return dispatch.forward_prepared(x, prep, qweight, scales, qzeros, bias)
+
+    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """Few rows (decode): the int4 CPU kernel on the repacked codes; many rows: dequantize + GEMM."""
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows <= cpu.decode_max_rows() and x.dtype != torch.float64 and self.prepare_cpu():
+            return cpu.int4_linear(
+                x, self.cpu_packed, self.cpu_scales_zeros, self._cpu_group, self.out_features, self.bias
+            )
+        return self._forward_dequantize(x)
+
+    def prepare_cpu(self) -> bool:
+        """Repack the codes for the CPU decode kernel (once; again if the buffers were replaced).
+
+        Returns False when the kernel cannot take this layer's shape (then decode dequantizes).
+        """
+        q = self.qweight
+        key = (q.data_ptr(), q._version, self.scales.data_ptr(), self.scales._version)
+        if key == self._cpu_key:
+            return self.cpu_packed is not None
+        if q.device.type != "cpu" or q.is_meta:
+            return False
+        done = cpu.repack_int4(q, self.scales, self.qzeros, self.bits, self.group_size, self.in_features)
+        self.cpu_packed, self.cpu_scales_zeros, self._cpu_group = done if done else (None, None, None)
+        self._cpu_key = key
+        return done is not None
 
     def extra_repr(self) -> str:
         group = "all" if self.group_size == -1 else self.group_size

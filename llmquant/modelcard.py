@@ -36,8 +36,8 @@ def write_model_card(
 | | |
 |---|---|
 | quantized parameters | {summary.params_quantized:,} of {summary.params_total:,} |
-| bits per weight (codes + scales + zeros) | {summary.bits_per_weight:.3f} |
-| size before / after | {summary.bytes_before / 2**20:.1f} MiB / {summary.bytes_after / 2**20:.1f} MiB |
+| bits per weight of the quantized layers (codes + scales + zeros) | {summary.bits_per_weight:.3f} |
+| checkpoint size, all tensors | {summary.bytes_before / 2**20:.1f} MiB / {summary.bytes_after / 2**20:.1f} MiB |
 """
     body = f"""
 # {Path(base_model).name} — int{config.bits}, group size {group} ({fmt} format)

@@ -1,20 +1,40 @@
-"""Planning a quantized checkpoint: which source tensors are quantized, and what the output holds."""
+"""Planning a quantized checkpoint: which source tensors are quantized, and what the output holds.
+
+The plan comes from a meta-device skeleton of the model (no memory, no weights): its nn.Linear
+layers say which tensors are quantized, its state dict says what shape every tensor must have
+(a config.json that disagrees with the weights is refused before anything is written), and a
+`QuantLinear(..., device="meta")` per layer says what the quantized layer stores, so the written
+shapes can never drift from what loading expects.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import QuantConfig
-from .convert import linear_layers, modules_to_skip
+from .convert import check_skip_matches, linear_layers, modules_to_skip
 from .errors import CheckpointError
+from .linear import QuantLinear
 from .shards import TensorSpec
 
 
-def quantizable_weights(src: Path, config: QuantConfig) -> tuple[dict[str, str], list[str]]:
-    """{checkpoint tensor name of a Linear weight: module name} from a meta skeleton of the
-    model, and the resolved modules_to_not_convert."""
+@dataclass
+class Skeleton:
+    """What the meta model says about a checkpoint: {linear weight tensor name: module name}, the
+    resolved modules_to_not_convert, and {tensor name: shape} of the model's state dict."""
+
+    targets: dict[str, str]
+    skip: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    optional: list[str]
+
+
+def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
+    """Build the model described by `src`/config.json on the meta device and read the plan off it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -23,16 +43,62 @@ def quantizable_weights(src: Path, config: QuantConfig) -> tuple[dict[str, str],
             model = AutoModelForCausalLM.from_config(model_config)
     except Exception as error:
         raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
+    try:
+        check_skip_matches(model, config)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
     layers = linear_layers(model, config)
-    return {f"{name}.weight": name for name, _ in layers}, modules_to_skip(model, config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    # Tensors a checkpoint may lack: tied copies (the head sharing the embedding) and what the
+    # model class itself says may be missing.
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    optional = [re.escape(name) for name in tied] + list(model._keys_to_ignore_on_load_missing or [])
+    return Skeleton({f"{name}.weight": name for name, _ in layers}, modules_to_skip(model, config), shapes, optional)
+
+
+def check_shapes(source: list[TensorSpec], skeleton: Skeleton, config_path: Path) -> None:
+    """Every source tensor the model has must have the model's shape (else config.json and the
+    weights describe different models and the output would not load)."""
+    for spec in source:
+        expected = skeleton.shapes.get(spec.name)
+        if expected is not None and expected != spec.shape:
+            raise CheckpointError(
+                f"tensor {spec.name!r} is {list(spec.shape)} in the checkpoint but {config_path} describes "
+                f"{list(expected)}; config.json and the weights disagree"
+            )
+    names = {spec.name for spec in source}
+    missing = sorted(set(skeleton.targets) - names)
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} linear weights of the model are not in the checkpoint (first: {missing[0]!r}); "
+            "is the checkpoint complete?"
+        )
+    optional = re.compile("|".join(f"(?:{p})" for p in skeleton.optional)) if skeleton.optional else None
+    missing = sorted(n for n in skeleton.shapes.keys() - names if not (optional and optional.search(n)))
+    if missing:  # loading would initialise them randomly
+        raise CheckpointError(
+            f"{len(missing)} tensors of the model are not in the checkpoint (first: {missing[0]!r}); "
+            "is the checkpoint complete?"
+        )
+
+
+def quantized_buffers(spec: TensorSpec, config: QuantConfig) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of what a QuantLinear built for the weight `spec` [N, K] stores, in
+    the order `quantize_weight` returns them (qweight, scales, qzeros when asymmetric)."""
+    if len(spec.shape) != 2 or not spec.dtype.is_floating_point:
+        raise CheckpointError(f"tensor {spec.name!r} is {spec.dtype} {spec.shape}, not a 2-D float linear weight")
+    n, k = spec.shape
+    module = QuantLinear(k, n, config.bits, config.group_size, config.sym, bias=False, dtype=spec.dtype, device="meta")
+    return [(name, b.dtype, tuple(b.shape)) for name, b in module.named_buffers() if isinstance(b, torch.Tensor)]
 
 
 def output_specs(
     source: list[TensorSpec], targets: dict[str, str], config: QuantConfig, fmt: str = "llmquant"
 ) -> list[TensorSpec]:
-    """What the quantized checkpoint holds: each target weight becomes the tensors of format
-    `fmt` (llmquant: qweight, scales in the weight's dtype and, asymmetric, qzeros); every other
-    tensor is copied. A layer the format cannot express is refused here, before writing."""
+    """What the quantized checkpoint holds: each target weight becomes the buffers of its
+    QuantLinear (qweight, scales in the weight's dtype and, asymmetric, qzeros), or for another
+    `fmt` that format's tensors (llmquant/formats/); every other tensor is copied. A layer the
+    format cannot express is refused here, before anything is written."""
     from .formats import get_format
 
     layout = get_format(fmt)
@@ -41,9 +107,13 @@ def output_specs(
         if spec.name not in targets:
             specs.append(spec)
             continue
+        module = targets[spec.name]
+        if fmt == "llmquant":
+            buffers = quantized_buffers(spec, config)
+            specs += [TensorSpec(f"{module}.{key}", dtype, shape) for key, dtype, shape in buffers]
+            continue
         if len(spec.shape) != 2 or not spec.dtype.is_floating_point:
             raise CheckpointError(f"tensor {spec.name!r} is {spec.dtype} {spec.shape}, not a 2-D float linear weight")
-        n, k = spec.shape
-        layout.check_layer(targets[spec.name], n, k, config)
-        specs += layout.layer_specs(targets[spec.name], n, k, spec.dtype, config)
+        layout.check_layer(module, *spec.shape, config)
+        specs += layout.layer_specs(module, *spec.shape, spec.dtype, config)
     return specs

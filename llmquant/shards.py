@@ -80,6 +80,11 @@ class ShardedWriter:
     """Writes the planned tensors into `folder`, in plan order, one `write` call per tensor."""
 
     def __init__(self, folder: Path, specs: list[TensorSpec], max_bytes: int) -> None:
+        seen: set[str] = set()
+        for spec in specs:  # two entries of one name would make an unreadable header (or a lost tensor)
+            if spec.name in seen:
+                raise ValueError(f"tensor {spec.name!r} is planned twice; a checkpoint holds each name once")
+            seen.add(spec.name)
         self.folder = folder
         self.shards = plan_shards(specs, max_bytes)
         count = len(self.shards)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,11 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def looks_like_path(src: str) -> bool:
+    """A local path, not a Hub id: absolute, starting with . or ~, a backslash, or more than one /."""
+    return src.startswith((".", "~", "/")) or "\\" in src or src.count("/") > 1 or Path(src).is_absolute()
+
+
 def resolve_source(src: str) -> Path:
     """A local folder, or a Hub id fetched (or found in the cache) with huggingface_hub."""
     path = Path(src).expanduser()
@@ -30,7 +36,7 @@ def resolve_source(src: str) -> Path:
         return path
     if path.exists():
         raise CheckpointError(f"source {src!r} is a file; pass the model folder")
-    if not HUB_ID.match(src):
+    if looks_like_path(src) or not HUB_ID.match(src):
         raise CheckpointError(f"source folder {src!r} does not exist")
     from huggingface_hub import snapshot_download
 
@@ -42,30 +48,68 @@ def resolve_source(src: str) -> Path:
         ) from None
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object, as a dict (CheckpointError naming the file otherwise)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {path}: {first_line(error)}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got a {type(value).__name__}")
+    return value
+
+
 def read_config(src: Path) -> dict:
     """config.json of a floating-point model folder (an already quantized one is refused)."""
     config_path = src / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} not found: the source is not a Hugging Face model folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {config_path}: {error}") from None
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "unknown")
-        raise CheckpointError(f"{src} is already quantized (quant_method {method!r}); quantize a floating-point model")
-    return config
+    config = read_json_object(config_path)
+    quantization = config.get("quantization_config")
+    if quantization in (None, {}):
+        return config
+    if not isinstance(quantization, dict):
+        raise CheckpointError(f"{config_path}: quantization_config must be an object, got {quantization!r}")
+    method = quantization.get("quant_method", "unknown")
+    raise CheckpointError(f"{src} is already quantized (quant_method {method!r}); quantize a floating-point model")
+
+
+# Files that sit beside the weights in many repos but are not the model: adapters, a
+# consolidated copy of the shards, trainer state. Reading them would merge or duplicate tensors.
+NOT_MODEL_WEIGHTS = re.compile(
+    r"^(adapter_model|consolidated|optimizer|scheduler|scaler|training_args|rng_state|trainer_state)\b"
+)
 
 
 def weight_files(src: Path) -> list[Path]:
-    """The checkpoint's weight files: safetensors if any, else PyTorch .bin (read weights_only)."""
-    safetensors = sorted(src.glob("*.safetensors"))
-    if safetensors:
-        return safetensors
-    pickles = sorted(p for p in src.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-    if pickles:
-        return pickles
-    raise CheckpointError(f"no weights in {src}: expected *.safetensors (or pytorch_model*.bin)")
+    """The files holding the model's weights, as transformers would load them: the files named by
+    model.safetensors.index.json (or pytorch_model.bin.index.json) when there is one, else the
+    safetensors files (else PyTorch files, read weights_only) that are not adapters, consolidated
+    copies or training state."""
+    for index_name in WEIGHT_INDEXES:
+        index_path = src / index_name
+        if index_path.is_file():
+            return _indexed_files(index_path)
+    for suffixes in ((".safetensors",), (".bin", ".pt", ".pth")):
+        files = sorted(
+            p for p in src.iterdir() if p.is_file() and p.suffix in suffixes and not NOT_MODEL_WEIGHTS.match(p.name)
+        )
+        if files:
+            return files
+    raise CheckpointError(f"no weights in {src}: expected model.safetensors (or an index, or pytorch_model.bin)")
+
+
+def _indexed_files(index_path: Path) -> list[Path]:
+    weight_map = read_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to file names")
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        path = index_path.parent / name
+        if Path(name).name != name or not path.is_file():
+            raise CheckpointError(f"{index_path} names {name!r}, which is not a file beside it")
+        files.append(path)
+    return files
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -89,28 +133,39 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         else:
             try:
                 # weights_only: never unpickle arbitrary objects from a .bin checkpoint
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # mmap needs the zip format; a legacy (pre-1.6) file is read whole, still weights_only
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             except Exception as error:
                 raise CheckpointError(f"cannot read {path} as a weights-only PyTorch file: {error}") from None
-            if not isinstance(state, dict):
-                raise CheckpointError(f"{path} does not hold a state dict")
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise CheckpointError(f"{path} does not hold a state dict of tensors")
             yield from state.items()
 
 
 def tensor_specs(files: list[Path]) -> list[TensorSpec]:
-    """Name, dtype and shape of every source tensor, in file order, without reading the data."""
-    specs = []
+    """Name, dtype and shape of every source tensor, in file order, without reading the data.
+    A tensor name held by two files is refused, naming both."""
+    specs, seen = [], {}
     for path in files:
         if path.suffix == ".safetensors":
             try:
                 with safe_open(str(path), framework="pt") as handle:
+                    file_specs = []
                     for name in handle.keys():
                         view = handle.get_slice(name)
-                        specs.append(TensorSpec(name, DTYPES[view.get_dtype()], tuple(view.get_shape())))
+                        file_specs.append(TensorSpec(name, DTYPES[view.get_dtype()], tuple(view.get_shape())))
             except KeyError as error:
                 raise CheckpointError(f"{path}: unsupported tensor dtype {error}") from None
             except Exception as error:  # SafetensorError and OSError: truncated or not safetensors
                 raise CheckpointError(f"cannot read {path}: {error}") from None
         else:
-            specs += [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in iter_tensors([path])]
+            file_specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in iter_tensors([path])]
+        for spec in file_specs:
+            if spec.name in seen:
+                raise CheckpointError(
+                    f"tensor {spec.name!r} is in both {seen[spec.name].name} and {path.name}; "
+                    "remove the extra copy (or give the folder a model.safetensors.index.json)"
+                )
+            seen[spec.name] = path
+        specs += file_specs
     return specs

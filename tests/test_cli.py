@@ -173,3 +173,39 @@ def test_sharded_source_gives_the_same_checkpoint(stories_dir, tmp_path):
     from_shards = AutoModelForCausalLM.from_pretrained(tmp_path / "from-shards").state_dict()
     assert single.keys() == from_shards.keys()
     assert all(torch.equal(single[key], from_shards[key]) for key in single)
+
+
+HEAVY = ("torch", "transformers", "safetensors", "tqdm", "numpy")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["quantize", "--help"], ["eval", "--help"], ["quantize"], ["nope"]])
+def test_help_and_argument_errors_import_no_heavy_modules(argv):
+    # `llmquant --help` and argument errors must answer at once, without torch or transformers.
+    code = (
+        "import sys\n"
+        "from llmquant.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
+        "print('HEAVY', heavy, 'CODE', code, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("HEAVY [] CODE"), done.stderr
+    assert last.endswith("CODE 0" if argv[-1] == "--help" else "CODE 2"), done.stderr
+    if argv[-1] == "--help":
+        assert "usage: llmquant" in done.stdout
+
+
+def test_bare_import_registers_with_transformers_once_it_loads():
+    # `import llmquant` stays light, yet from_pretrained(quantized_dir) needs the registration.
+    code = (
+        "import sys, llmquant\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\n"
+        "print('llmquant' in AUTO_QUANTIZER_MAPPING)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True", done.stderr

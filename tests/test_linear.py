@@ -43,3 +43,63 @@ def test_extra_repr_and_buffers():
     assert names["qweight"].shape == (72, 1536) and names["qweight"].dtype == torch.int32
     assert names["scales"].shape == (5, 1536) and names["qzeros"].dtype == torch.uint8
     assert "qzeros" not in dict(QuantLinear(64, 8, 4, 32, sym=True).named_buffers())
+
+
+# SmolLM2-135M shapes (K = 576 with group 128: a ragged last group of 64) and small ones.
+KERNEL_SHAPES = [(576, 192, 128), (576, 1536, 128), (96, 32, 32), (256, 48, -1)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("in_features,out_features,group_size", KERNEL_SHAPES)
+def test_cpu_decode_kernel_matches_reference(bits, sym, in_features, out_features, group_size, monkeypatch):
+    monkeypatch.setenv("LLMQUANT_KERNEL", "torch")
+    torch.manual_seed(bits * 100 + in_features + sym)
+    linear = nn.Linear(in_features, out_features, bias=True)
+    module = QuantLinear.from_linear(linear, bits, group_size, sym)
+    with torch.no_grad():
+        module.bias.normal_()
+    for rows in (1, 7):
+        x = torch.randn(rows, 1, in_features)
+        y = module(x)
+        assert module.cpu_packed is not None, "the decode kernel should take this shape"
+        assert y.dtype == torch.float32 and y.shape == (rows, 1, out_features)
+        # The kernel rounds activations to bfloat16; the rest (scales, zeros, output) adds ~2^-9.
+        xb = x.to(torch.bfloat16)
+        expected = reference_linear(xb, module.qweight, module.scales, module.qzeros, module.bias, bits, group_size)
+        scale = expected.abs().max().item()
+        assert (y.double() - expected).abs().max().item() < 1e-2 * scale
+        assert (y.double() - expected).abs().mean().item() < 2e-3 * expected.abs().mean().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_prefill_and_dtypes(dtype, monkeypatch):
+    monkeypatch.setenv("LLMQUANT_KERNEL", "torch")
+    torch.manual_seed(3)
+    module = QuantLinear.from_linear(nn.Linear(576, 64, bias=False), 4, 128, False)
+    for rows in (1, 40):  # 40 rows > the decode limit: dequantize + GEMM, exact in float32
+        x = torch.randn(1, rows, 576).to(dtype)
+        y = module(x)
+        assert y.dtype == dtype and y.shape == (1, rows, 64)
+        expected = reference_linear(x, module.qweight, module.scales, module.qzeros, None, 4, 128)
+        tol = 1e-5 if (dtype == torch.float32 and rows > 16) else 1e-2
+        assert (y.double() - expected).abs().max().item() < tol * expected.abs().max().item()
+
+
+def test_cpu_copy_is_counted_not_saved_and_follows_new_codes():
+    from llmquant.stats import bits_per_weight, model_size_bytes
+
+    torch.manual_seed(4)
+    linear = nn.Linear(576, 192, bias=False)
+    module = QuantLinear.from_linear(linear, 4, 128, False)
+    before_bits, before_bytes = bits_per_weight(module), model_size_bytes(module)
+    assert module.prepare_cpu()
+    assert set(module.state_dict()) == {"qweight", "scales", "qzeros"}
+    assert bits_per_weight(module) == before_bits  # the format, not the kernel's copy
+    copy_bytes = module.cpu_packed.numel() + module.cpu_scales_zeros.numel() * 2
+    assert model_size_bytes(module) == before_bytes + copy_bytes  # memory held, counted
+    # new codes loaded into the buffers: the copy is rebuilt, outputs follow
+    other = QuantLinear.from_linear(nn.Linear(576, 192, bias=False), 4, 128, False)
+    module.load_packed({k: other.state_dict()[k] for k in ("qweight", "scales", "qzeros")})
+    x = torch.randn(1, 576)
+    assert torch.equal(module(x), other(x))

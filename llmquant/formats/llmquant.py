@@ -10,7 +10,10 @@ from ..shards import TensorSpec
 
 NAME = "llmquant"
 MEMBERS = ("qweight", "scales", "qzeros")
-LOAD_HELP = """```python
+LOAD_HELP = """`pip install llmquant` first: without it, transformers skips the unknown quantization method with
+a warning and leaves the quantized layers randomly initialised.
+
+```python
 import llmquant  # registers the "llmquant" quantization method with transformers
 from transformers import AutoModelForCausalLM
 
