@@ -162,14 +162,16 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, qconfig=None
     """Causal LM from a folder (quantized on load when ``qconfig``), eval mode, on ``device``."""
     from transformers import AutoModelForCausalLM
 
-    import llmquant  # noqa: F401  registers the transformers integration for saved quantized folders
+    import llmquant  # registers the transformers integration for saved quantized folders
 
     if not Path(path).is_dir():
         raise EvalError(f"model folder not found: {path}")
     # never pass quantization_config=None: it would override a saved folder's own config
     extra = {} if qconfig is None else {"quantization_config": qconfig}
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)
+        # llmquant.load also takes GPTQ and compressed-tensors folders (converted to llmquant's layout)
+        load = AutoModelForCausalLM.from_pretrained if qconfig is not None else llmquant.load
+        model, loading = load(path, dtype=dtype, output_loading_info=True, **extra)
     except Exception as e:  # anything from config parsing to missing shards: one line
         raise EvalError(f"cannot load model from {path}: {type(e).__name__}: {first_line(e)}") from None
     if loading.get("missing_keys"):  # randomly initialised weights would score, silently, as garbage

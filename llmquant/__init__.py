@@ -25,6 +25,7 @@ __all__ = [
     "QuantLinear",
     "bits_per_weight",
     "dequantize_",
+    "load",
     "load_calibration",
     "model_size_bytes",
     "quantize_",
@@ -40,6 +41,7 @@ _LAZY = {
     "model_size_bytes": "stats",
     "dequantize_": "convert",
     "quantize_": "convert",
+    "load": "formats.load",
 }
 _REGISTRY_MODULE = "transformers.quantizers"  # the package that re-exports register_quantizer
 

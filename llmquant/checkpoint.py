@@ -18,6 +18,7 @@ import torch
 from .calibrated_checkpoint import precompute_packed
 from .config import QuantConfig
 from .errors import CheckpointError
+from .formats import get_format
 from .methods import get_method
 from .modelcard import write_model_card
 from .plan import check_shapes, output_specs, quantizable_weights
@@ -40,6 +41,7 @@ class Summary:
     bytes_after: int = 0
     seconds: float = 0.0
     layers: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def bits_per_weight(self) -> float:
@@ -62,8 +64,10 @@ def quantize_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     calibration=None,
+    fmt: str = "llmquant",
 ) -> Summary:
-    """Quantize the checkpoint at `src` (folder or Hub id) into the folder `out`.
+    """Quantize the checkpoint at `src` (folder or Hub id) into the folder `out`, written in
+    format `fmt`: "llmquant", "gptq" or "compressed-tensors" (llmquant/formats/).
 
     Calibrated methods (gptq, clip) compute every packed tensor first from the float model on
     CPU (`calibrated_checkpoint.py`; `calibration`: a CalibrationSet, default the C4 sample);
@@ -81,14 +85,15 @@ def quantize_checkpoint(
     saved_config = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": skeleton.skip})
     source_specs = tensor_specs(files)
     check_shapes(source_specs, skeleton, source / "config.json")
-    specs = output_specs(source_specs, targets, config)
+    layout = get_format(fmt)
+    specs = output_specs(source_specs, targets, config, fmt)
     precomputed, changed = {}, {}
     if get_method(config.method).calibrated:
         scale_dtype = next(spec.dtype for spec in source_specs if spec.name in targets)
         precomputed, changed, record = precompute_packed(source, config, scale_dtype, calibration, progress)
         saved_config.calibration = record
 
-    summary = Summary()
+    summary = Summary(warnings=layout.engine_warnings(saved_config))
     with staged_output(out) as staging:
         writer = ShardedWriter(staging, specs, max_bytes)
         bar = progress_bar(total=len(targets), enabled=progress, desc="quantizing", unit="layer")
@@ -104,6 +109,8 @@ def quantize_checkpoint(
                 tensor, config.bits, config.group_size, config.sym, method=config.method, name=name
             )
             module = targets[name]
+            packed = layout.export_layer(module, packed, *tensor.shape, saved_config)
+            packed = layout.export_layer(module, packed, *tensor.shape, saved_config)
             for key, value in packed.items():
                 writer.write(f"{module}.{key}", value)
                 summary.quantized_bytes += value.numel() * value.element_size()
@@ -113,9 +120,9 @@ def quantize_checkpoint(
         bar.close()
         writer.close()
         summary.bytes_after = writer.total_bytes
-        model_config["quantization_config"] = saved_config.to_dict()
+        model_config["quantization_config"] = layout.quantization_config(saved_config)
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         copy_side_files(source, staging)
-        write_model_card(staging / "README.md", base_model=src, config=saved_config, summary=summary)
+        write_model_card(staging / "README.md", base_model=src, config=saved_config, summary=summary, fmt=fmt)
     summary.seconds = time.perf_counter() - start
     return summary

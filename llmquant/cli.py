@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from .errors import first_line
 
 EXIT_BAD_INPUT = 2
+FORMATS = ("llmquant", "compressed-tensors", "gptq")  # llmquant.formats.FORMAT_NAMES, without importing torch
 
 
 def _group_size(text: str) -> int:
@@ -46,12 +47,58 @@ def _add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="modules kept in floating point (default: the output head)",
     )
+    _add_output_arguments(parser)
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="llmquant",
+        help="checkpoint layout to write: llmquant (default), compressed-tensors or gptq (read by vLLM, "
+        "SGLang, TGI, transformers)",
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     from .calibration import add_arguments as add_calibration_arguments
 
     add_calibration_arguments(parser)
+
+
+def _add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="rewrite a quantized checkpoint (llmquant, gptq, compressed-tensors) into another format",
+        description="Rewrite the quantized checkpoint SRC into OUT in --format, without re-quantizing: codes, "
+        "scales and zero points are carried over bit for bit.",
+    )
+    parser.add_argument("src", metavar="SRC", help="quantized model folder (llmquant, gptq or compressed-tensors)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write (must not exist)")
+    _add_output_arguments(parser)
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .formats.rewrite import convert_checkpoint
+
+    summary = convert_checkpoint(
+        args.src,
+        args.output,
+        args.format,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"wrote {args.output}")
+    print(f"  {summary.source_format} -> {summary.target_format}: {summary.layers} layers, bit-exact")
+    print(f"  size: {summary.bytes_after / 2**20:.1f} MiB, time: {summary.seconds:.1f} s")
+    _warn(summary.warnings)
+    return 0
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
@@ -75,9 +122,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         calibration=calibration,
+        fmt=args.format,
     )
     mib = 2**20
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output}" + ("" if args.format == "llmquant" else f" ({args.format} format)"))
     print(
         f"  {config.short_name()} ({config.method}): {summary.params_quantized:,} of {summary.params_total:,} "
         f"parameters quantized in {len(summary.layers)} layers"
@@ -88,6 +136,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         f"({summary.bytes_before / max(summary.bytes_after, 1):.2f}x smaller)"
     )
     print(f"  time: {summary.seconds:.1f} s")
+    _warn(summary.warnings)
     return 0
 
 
@@ -95,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmquant", description="Weight-only quantization for Hugging Face LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_quantize_parser(subparsers)
+    _add_convert_parser(subparsers)
     try:
         from .evals import cli as eval_cli
     except ImportError:  # the eval extra (datasets, matplotlib) is not installed
@@ -110,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "quantize":
             return _run_quantize(args)
+        if args.command == "convert":
+            return _run_convert(args)
         from .evals import cli as eval_cli
 
         return eval_cli.run(args)

@@ -92,15 +92,28 @@ def quantized_buffers(spec: TensorSpec, config: QuantConfig) -> list[tuple[str, 
     return [(name, b.dtype, tuple(b.shape)) for name, b in module.named_buffers() if isinstance(b, torch.Tensor)]
 
 
-def output_specs(source: list[TensorSpec], targets: dict[str, str], config: QuantConfig) -> list[TensorSpec]:
+def output_specs(
+    source: list[TensorSpec], targets: dict[str, str], config: QuantConfig, fmt: str = "llmquant"
+) -> list[TensorSpec]:
     """What the quantized checkpoint holds: each target weight becomes the buffers of its
-    QuantLinear (qweight, scales in the weight's dtype and, asymmetric, qzeros); every other
-    tensor is copied."""
+    QuantLinear (qweight, scales in the weight's dtype and, asymmetric, qzeros), or for another
+    `fmt` that format's tensors (llmquant/formats/); every other tensor is copied. A layer the
+    format cannot express is refused here, before anything is written."""
+    from .formats import get_format
+
+    layout = get_format(fmt)
     specs = []
     for spec in source:
         if spec.name not in targets:
             specs.append(spec)
             continue
         module = targets[spec.name]
-        specs += [TensorSpec(f"{module}.{key}", dtype, shape) for key, dtype, shape in quantized_buffers(spec, config)]
+        if fmt == "llmquant":
+            buffers = quantized_buffers(spec, config)
+            specs += [TensorSpec(f"{module}.{key}", dtype, shape) for key, dtype, shape in buffers]
+            continue
+        if len(spec.shape) != 2 or not spec.dtype.is_floating_point:
+            raise CheckpointError(f"tensor {spec.name!r} is {spec.dtype} {spec.shape}, not a 2-D float linear weight")
+        layout.check_layer(module, *spec.shape, config)
+        specs += layout.layer_specs(module, *spec.shape, spec.dtype, config)
     return specs

@@ -1,0 +1,49 @@
+"""Checks and packing helpers shared by the GPTQ and compressed-tensors modules."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantConfig
+from ..kernels.pack import num_groups, pack_codes, unpack_codes, values_per_word
+from . import FormatError
+
+ENGINE_BITS = (4, 8)
+
+
+def check_common(fmt: str, module: str, n: int, k: int, config: QuantConfig) -> None:
+    """What neither GPTQ nor compressed-tensors `pack-quantized` can hold in a form the engines
+    read: widths other than 4 and 8 bits (llmquant's 3-bit words differ from both formats', and
+    no engine kernel runs 2-bit), a group size that does not divide K, and K not filling whole
+    int32 words."""
+    if config.bits not in ENGINE_BITS:
+        raise FormatError(f"{module}: {config.bits}-bit codes cannot be exported to {fmt} (only 4 and 8 bits)")
+    if config.group_size != -1 and k % config.group_size:
+        raise FormatError(
+            f"{module}: group size {config.group_size} does not divide in_features {k}; {fmt} loaders need "
+            f"whole groups (re-quantize with a group size dividing {k}, or -1)"
+        )
+    if k % values_per_word(config.bits):
+        raise FormatError(f"{module}: in_features {k} does not fill whole int32 words of {config.bits}-bit codes")
+
+
+def pack_along_n(values: torch.Tensor, bits: int, module: str, what: str) -> torch.Tensor:
+    """[G, N] integers in [0, 2^bits) -> [ceil(N/V), G] int32, V per word along N, lowest n lowest."""
+    try:
+        return pack_codes(values, bits)
+    except ValueError as error:
+        raise FormatError(f"{module}: {what} {error}") from None
+
+
+def unpack_along_n(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_along_n`: [ceil(N/V), G] int32 -> [G, N] uint8."""
+    return unpack_codes(words, bits, n)
+
+
+def expect_shape(module: str, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise FormatError(f"{module}.{name} has shape {tuple(tensor.shape)}, expected {shape}")
+
+
+def groups_of(k: int, config: QuantConfig) -> int:
+    return num_groups(k, config.group_size)

@@ -1,0 +1,61 @@
+"""llmquant's own layout (docs/FORMAT.md): the identity conversion."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantConfig
+from ..kernels.pack import num_groups, packed_rows
+from ..shards import TensorSpec
+
+NAME = "llmquant"
+MEMBERS = ("qweight", "scales", "qzeros")
+LOAD_HELP = """`pip install llmquant` first: without it, transformers skips the unknown quantization method with
+a warning and leaves the quantized layers randomly initialised.
+
+```python
+import llmquant  # registers the "llmquant" quantization method with transformers
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER_OR_REPO")
+```
+
+Serving engines (vLLM, SGLang, TGI) do not read this layout; `llmquant convert THIS_FOLDER -o OUT
+--format compressed-tensors` (or `gptq`) rewrites it for them without re-quantizing."""
+
+
+def check_layer(module: str, n: int, k: int, config: QuantConfig) -> None:
+    """Every QuantConfig is expressible in llmquant's own layout."""
+
+
+def layer_specs(module: str, n: int, k: int, scale_dtype: torch.dtype, config: QuantConfig) -> list[TensorSpec]:
+    groups = num_groups(k, config.group_size)
+    specs = [
+        TensorSpec(f"{module}.qweight", torch.int32, (packed_rows(k, config.bits), n)),
+        TensorSpec(f"{module}.scales", scale_dtype, (groups, n)),
+    ]
+    if not config.sym:
+        specs.append(TensorSpec(f"{module}.qzeros", torch.uint8, (groups, n)))
+    return specs
+
+
+def export_layer(module: str, packed: dict[str, torch.Tensor], n: int, k: int, config: QuantConfig) -> dict:
+    return {key: packed[key] for key in MEMBERS if key in packed}
+
+
+def import_layer(
+    module: str, tensors: dict[str, torch.Tensor], n: int, k: int, config: QuantConfig, source_qc: dict
+) -> dict:
+    return {key: tensors[key] for key in MEMBERS if key in tensors}
+
+
+def quantization_config(config: QuantConfig) -> dict:
+    return config.to_dict()
+
+
+def parse_config(quantization_config: dict) -> QuantConfig:
+    return QuantConfig(**quantization_config)
+
+
+def engine_warnings(config: QuantConfig) -> list[str]:
+    return []

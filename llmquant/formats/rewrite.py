@@ -1,0 +1,226 @@
+"""`llmquant convert`: rewrite a quantized checkpoint (llmquant, GPTQ or compressed-tensors) into
+another of the three without re-quantizing. Codes, scales and zero points are carried over bit
+for bit; nothing is dequantized.
+
+Streaming as `quantize` is: a meta skeleton of the model gives every linear's shape, the output
+is planned from the source tensors' names, dtypes and shapes (no data read), and then each
+source layer's few tensors are read, converted and written before the next layer is touched,
+into a staging folder published atomically (`publish.py`). Everything a format cannot express is
+refused while planning, before a byte is written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ..config import QuantConfig
+from ..errors import CheckpointError
+from ..modelcard import write_model_card
+from ..publish import copy_side_files, staged_output
+from ..shards import ShardedWriter, TensorSpec, parse_size
+from ..source import resolve_source, tensor_specs, weight_files
+from . import FormatError, detect_format, get_format
+
+SCALE_MEMBER = {"llmquant": "scales", "gptq": "scales", "compressed-tensors": "weight_scale"}
+MARKER = {"llmquant": "qweight", "gptq": "qweight", "compressed-tensors": "weight_packed"}
+
+
+@dataclass
+class ConvertSummary:
+    """What `convert_checkpoint` did."""
+
+    source_format: str = ""
+    target_format: str = ""
+    layers: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Layer:
+    """A quantized linear of the source: its module name, shape and source tensor names."""
+
+    module: str
+    n: int
+    k: int
+    has_bias: bool
+    members: dict[str, str] = field(default_factory=dict)  # suffix -> full tensor name
+
+
+def read_quantized_config(src: Path) -> dict:
+    """config.json of a quantized folder (a floating-point one is refused)."""
+    path = src / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the source is not a Hugging Face model folder")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from None
+    if not config.get("quantization_config"):
+        raise CheckpointError(f"{src} is not quantized (no quantization_config); use `llmquant quantize`")
+    return config
+
+
+def linear_shapes(src: Path) -> dict[str, tuple[int, int, bool]]:
+    """{module name: (out_features N, in_features K, has bias)} of every nn.Linear of the model
+    described by src/config.json, from a meta skeleton (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.from_pretrained(src)
+        if hasattr(model_config, "quantization_config"):
+            del model_config.quantization_config  # the skeleton is the float architecture
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+    except Exception as error:
+        raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
+    return {
+        name: (module.out_features, module.in_features, module.bias is not None)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def tensor_files(files: list[Path]) -> dict[str, Path]:
+    """{tensor name: safetensors file holding it}."""
+    where = {}
+    for path in files:
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: convert reads safetensors checkpoints only")
+        with safe_open(str(path), framework="pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), path))
+    return where
+
+
+def read_tensor(where: dict[str, Path], name: str) -> torch.Tensor:
+    try:
+        with safe_open(str(where[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+    except Exception as error:
+        raise CheckpointError(f"cannot read tensor {name!r} from {where[name]}: {error}") from None
+
+
+def find_layers(
+    specs: list[TensorSpec], source: ModuleType, shapes: dict[str, tuple[int, int, bool]]
+) -> dict[str, Layer]:
+    """The source's quantized linears, keyed by module name, with the tensors belonging to each."""
+    names = {spec.name for spec in specs}
+    marker = MARKER[source.NAME]
+    layers = {}
+    for name in sorted(names):
+        module, _, suffix = name.rpartition(".")
+        if suffix != marker:
+            continue
+        if module not in shapes:
+            raise FormatError(f"{name}: {module!r} is not a linear layer of the model in config.json")
+        n, k, has_bias = shapes[module]
+        layer = Layer(module, n, k, has_bias)
+        for member in (*source.MEMBERS, "bias"):
+            if f"{module}.{member}" in names:
+                layer.members[member] = f"{module}.{member}"
+        layers[module] = layer
+    if not layers:
+        raise FormatError(f"no quantized layers found ({marker} tensors) in a {source.NAME} checkpoint")
+    return layers
+
+
+def plan(
+    specs: list[TensorSpec], layers: dict[str, Layer], source: ModuleType, target: ModuleType, config: QuantConfig
+) -> tuple[list[TensorSpec], list[tuple[str, object]]]:
+    """Output specs and the write steps, in source order: ("copy", name) or ("layer", Layer),
+    a layer emitted where its first tensor was. Checks every layer against the target first."""
+    for layer in layers.values():
+        target.check_layer(layer.module, layer.n, layer.k, config)
+    owner = {name: layer for layer in layers.values() for name in layer.members.values()}
+    by_name = {spec.name: spec for spec in specs}
+    out, steps, done = [], [], set()
+    for spec in specs:
+        layer = owner.get(spec.name)
+        if layer is None:
+            out.append(spec)
+            steps.append(("copy", spec.name))
+            continue
+        if layer.module in done:
+            continue
+        done.add(layer.module)
+        scale_name = layer.members.get(SCALE_MEMBER[source.NAME])
+        if scale_name is None:
+            raise FormatError(f"{layer.module}: no {SCALE_MEMBER[source.NAME]} tensor in the checkpoint")
+        out += target.layer_specs(layer.module, layer.n, layer.k, by_name[scale_name].dtype, config)
+        if layer.has_bias:
+            if "bias" not in layer.members:
+                raise FormatError(f"{layer.module}.bias is missing from the checkpoint")
+            out.append(by_name[layer.members["bias"]])
+        steps.append(("layer", layer))
+    return out, steps
+
+
+def convert_checkpoint(
+    src: str,
+    out: str | Path,
+    fmt: str,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConvertSummary:
+    """Rewrite the quantized checkpoint at `src` into the folder `out` in format `fmt`."""
+    start = time.perf_counter()
+    out = Path(out).expanduser()
+    target = get_format(fmt)
+    max_bytes = parse_size(max_shard_size)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
+    source_dir = resolve_source(src)
+    model_config = read_quantized_config(source_dir)
+    source_qc = model_config["quantization_config"]
+    source = get_format(detect_format(source_qc))
+    files = weight_files(source_dir)
+    where = tensor_files(files)
+    specs = tensor_specs(files)
+    shapes = linear_shapes(source_dir)
+    layers = find_layers(specs, source, shapes)
+    parsed = source.parse_config(source_qc)
+    kept = sorted(name for name in shapes if name not in layers)
+    method = source_qc.get("method") or (source_qc.get("meta") or {}).get("method") or "rtn"
+    config = QuantConfig(
+        bits=parsed.bits, group_size=parsed.group_size, sym=parsed.sym, method=method, modules_to_not_convert=kept
+    )
+    output_specs, steps = plan(specs, layers, source, target, config)
+    summary = ConvertSummary(source.NAME, target.NAME, len(layers), warnings=target.engine_warnings(config))
+
+    with staged_output(out) as staging:
+        writer = ShardedWriter(staging, output_specs, max_bytes)
+        bar = tqdm(total=len(layers), desc=f"{source.NAME} -> {target.NAME}", unit="layer", disable=not progress)
+        for kind, item in steps:
+            if kind == "copy":
+                writer.write(item, read_tensor(where, item))
+                continue
+            layer: Layer = item
+            tensors = {m: read_tensor(where, name) for m, name in layer.members.items() if m != "bias"}
+            packed = source.import_layer(layer.module, tensors, layer.n, layer.k, config, source_qc)
+            for suffix, tensor in target.export_layer(layer.module, packed, layer.n, layer.k, config).items():
+                writer.write(f"{layer.module}.{suffix}", tensor)
+            if layer.has_bias:
+                writer.write(layer.members["bias"], read_tensor(where, layer.members["bias"]))
+            elif "bias" in layer.members and bool(read_tensor(where, layer.members["bias"]).any()):
+                # GPTQ writers store a zero bias even for bias-free layers: dropped; a real one is not
+                raise FormatError(f"{layer.members['bias']} is non-zero but the model's layer has no bias")
+            bar.update(1)
+        bar.close()
+        writer.close()
+        summary.bytes_after = writer.total_bytes
+        model_config["quantization_config"] = target.quantization_config(config)
+        (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+        copy_side_files(source_dir, staging)
+        write_model_card(staging / "README.md", base_model=src, config=config, summary=None, fmt=target.NAME)
+    summary.seconds = time.perf_counter() - start
+    return summary
