@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 FORMAT_TAGS = {"llmquant": ["llmquant"], "gptq": ["gptq"], "compressed-tensors": ["compressed-tensors"]}
 
+
 def _calibration_row(config: QuantConfig) -> str:
     """The table row recording a calibrated method's data (empty for rtn)."""
     c = config.calibration
@@ -23,8 +24,6 @@ def _calibration_row(config: QuantConfig) -> str:
         f"= {c.get('tokens'):,} tokens (seed {c.get('seed')}) |\n"
     )
 
-
-def write_model_card(path: Path, base_model: str, config: QuantConfig, summary: Summary) -> None:
 
 def write_model_card(
     path: Path, base_model: str, config: QuantConfig, summary: Summary | None, fmt: str = "llmquant"
