@@ -65,7 +65,12 @@ def __dir__() -> list[str]:
 
 
 def _register() -> None:
+    importing = sys.modules.get(f"{__name__}.hf")
+    if importing is not None and not hasattr(importing, "register"):
+        return  # llmquant.hf is being imported right now (it imported transformers); it registers at its end
     from .hf import register
+
+    register()
 
     register()
 

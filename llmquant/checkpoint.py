@@ -110,7 +110,6 @@ def quantize_checkpoint(
             )
             module = targets[name]
             packed = layout.export_layer(module, packed, *tensor.shape, saved_config)
-            packed = layout.export_layer(module, packed, *tensor.shape, saved_config)
             for key, value in packed.items():
                 writer.write(f"{module}.{key}", value)
                 summary.quantized_bytes += value.numel() * value.element_size()

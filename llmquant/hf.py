@@ -144,3 +144,7 @@ def register() -> None:
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(LlmquantHfQuantizer)
     guard_unknown_quant_method()
+
+
+# Importing this module is what makes transformers know "llmquant", whoever imports it first.
+register()

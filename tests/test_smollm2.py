@@ -25,7 +25,9 @@ def test_cli_quantize_load_and_score(smollm2_dir, wikitext_ids, tmp_path):
     out = tmp_path / "smollm2-int4"
     assert main(["quantize", str(smollm2_dir), "-o", str(out), "--bits", "4", "--group-size", "128", "--quiet"]) == 0
     # in the checkpoint's own dtype (fp16), the CLI and quantize-on-load store the same bits
-    on_load = AutoModelForCausalLM.from_pretrained(smollm2_dir, quantization_config=llmquant.QuantConfig())
+    on_load = AutoModelForCausalLM.from_pretrained(
+        smollm2_dir, quantization_config=llmquant.QuantConfig(), dtype=torch.float16
+    )
     stored = AutoModelForCausalLM.from_pretrained(out).state_dict()
     for key, value in on_load.state_dict().items():
         assert torch.equal(value, stored[key]), key

@@ -49,7 +49,12 @@ def detect_format(quantization_config: dict | None) -> str | None:
         return None
     method = quantization_config.get("quant_method")
     if method not in ("llmquant", "gptq", "compressed-tensors"):
+        from ..verify import looks_like_llmquant
+
+        hint = ""
+        if looks_like_llmquant(quantization_config):
+            hint = "; the other fields are llmquant's: set it to 'llmquant'"
         raise FormatError(
-            f"quant_method {method!r} is not one llmquant reads; it reads {', '.join(FORMAT_NAMES)}"
+            f"quantization_config.quant_method is {method!r}, not one llmquant reads ({', '.join(FORMAT_NAMES)}){hint}"
         )
     return method

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..config import QuantConfig
 from ..errors import CheckpointError
 from ..modelcard import write_model_card
-from ..publish import copy_side_files, staged_output
+from ..publish import check_output, copy_side_files, staged_output
 from ..shards import ShardedWriter, TensorSpec, parse_size
 from ..source import resolve_source, tensor_specs, weight_files
 from . import FormatError, detect_format, get_format
@@ -177,9 +177,8 @@ def convert_checkpoint(
     out = Path(out).expanduser()
     target = get_format(fmt)
     max_bytes = parse_size(max_shard_size)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
     source_dir = resolve_source(src)
+    check_output(out, source_dir, overwrite)
     model_config = read_quantized_config(source_dir)
     source_qc = model_config["quantization_config"]
     source = get_format(detect_format(source_qc))
