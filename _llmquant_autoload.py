@@ -1,26 +1,33 @@
-"""Make `AutoModelForCausalLM.from_pretrained` load llmquant checkpoints without `import llmquant`.
+"""Run code right after a module is imported: how llmquant registers itself with transformers.
 
-Imported at interpreter start by llmquant-autoload.pth (installed into site-packages by setup.py), so
-it must cost nothing: it only puts a finder on sys.meta_path that waits for
-`transformers.modeling_utils` (imported by anything that builds a transformers model). When that
-module has finished executing, llmquant is imported, which registers its quantization config and
-quantizer with transformers. A process that never loads a transformers model never imports llmquant.
+Two users, one mechanism:
+- `llmquant-autoload.pth` (installed into site-packages by setup.py) calls `install()` at
+  interpreter start, so `AutoModelForCausalLM.from_pretrained` loads llmquant checkpoints without
+  `import llmquant`: once `transformers.modeling_utils` has executed, llmquant is imported. It
+  must cost nothing: a process that never loads a transformers model never imports llmquant.
+- `import llmquant` (which is lazy and does not import transformers) registers its quantizer as
+  soon as `transformers.quantizers` exists, before or after llmquant itself was imported.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 TRIGGER = "transformers.modeling_utils"
 
 
-class _Finder:
-    """A meta path finder that only wraps the loader of TRIGGER; it finds nothing itself."""
+class _AfterImport:
+    """A meta path finder that finds nothing itself: it wraps the loader of one module so that
+    `callback` runs once that module has executed, then removes itself."""
 
-    def find_spec(self, name, path=None, target=None):  # noqa: ANN001 (importlib protocol)
-        if name != TRIGGER:
+    def __init__(self, name: str, callback: Callable[[], None]) -> None:
+        self.name, self.callback = name, callback
+
+    def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201 (importlib protocol)
+        if name != self.name:
             return None
-        uninstall()
+        sys.meta_path.remove(self)
         for finder in sys.meta_path:
             find_spec = getattr(finder, "find_spec", None)
             spec = find_spec(name, path, target) if find_spec else None
@@ -30,21 +37,26 @@ class _Finder:
             return None
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        exec_module = spec.loader.exec_module
+        exec_module, callback = spec.loader.exec_module, self.callback
 
-        def exec_then_register(module):  # noqa: ANN001, ANN202
+        def exec_then_call(module):  # noqa: ANN001, ANN202
             exec_module(module)
-            _register()
+            callback()
 
-        spec.loader.exec_module = exec_then_register
+        spec.loader.exec_module = exec_then_call
         return spec
 
 
-_FINDER = _Finder()
+def after_import(name: str, callback: Callable[[], None]) -> None:
+    """Call `callback` now if module `name` is imported, else right after it is (once)."""
+    if name in sys.modules:
+        callback()
+    elif not any(isinstance(f, _AfterImport) and (f.name, f.callback) == (name, callback) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, callback))
 
 
-def _register() -> None:
-    if "llmquant" in sys.modules:  # llmquant is importing (or imported): it registers itself
+def _import_llmquant() -> None:
+    if "llmquant" in sys.modules:  # llmquant is imported: it registers itself
         return
     try:
         import llmquant  # noqa: F401  (its import registers the transformers integration)
@@ -56,12 +68,4 @@ def _register() -> None:
 
 def install() -> None:
     """Called by the .pth file at interpreter start."""
-    if "transformers.modeling_utils" in sys.modules:
-        _register()
-    elif _FINDER not in sys.meta_path:
-        sys.meta_path.insert(0, _FINDER)
-
-
-def uninstall() -> None:
-    if _FINDER in sys.meta_path:
-        sys.meta_path.remove(_FINDER)
+    after_import(TRIGGER, _import_llmquant)

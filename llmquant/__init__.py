@@ -12,11 +12,10 @@ before or after `import llmquant`, so `from_pretrained(quantized_dir)` works aft
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
-from importlib.abc import Loader, MetaPathFinder
-from importlib.machinery import ModuleSpec
 from typing import Any
+
+import _llmquant_autoload
 
 __version__ = "0.1.0"
 __all__ = [
@@ -72,38 +71,6 @@ def _register() -> None:
 
     register()
 
-    register()
 
-
-class _RegisterAfterImport(Loader):
-    """Runs the real loader of transformers.quantizers, then registers llmquant with it."""
-
-    def __init__(self, loader: Loader) -> None:
-        self._loader = loader
-
-    def create_module(self, spec: ModuleSpec) -> Any:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: Any) -> None:
-        self._loader.exec_module(module)
-        _register()
-
-
-class _RegistryHook(MetaPathFinder):
-    """A post-import hook on transformers.quantizers (removed once it has fired)."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> ModuleSpec | None:
-        if fullname != _REGISTRY_MODULE:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        spec.loader = _RegisterAfterImport(spec.loader)
-        return spec
-
-
-if _REGISTRY_MODULE in sys.modules:
-    _register()
-elif not any(isinstance(finder, _RegistryHook) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _RegistryHook())
+# Registered as soon as transformers' quantizer registry exists, before or after this import.
+_llmquant_autoload.after_import(_REGISTRY_MODULE, _register)
