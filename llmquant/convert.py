@@ -65,16 +65,7 @@ def replace_with_empty_quant_linear(model: nn.Module, config: QuantConfig, dtype
     transformers builds the skeleton); returns the names replaced."""
     replaced = []
     for name, linear in linear_layers(model, config):
-        module = QuantLinear(
-            linear.in_features,
-            linear.out_features,
-            config.bits,
-            config.group_size,
-            config.sym,
-            bias=linear.bias is not None,
-            dtype=dtype,
-            device=linear.weight.device,
-        )
+        module = QuantLinear.like(linear, config.bits, config.group_size, config.sym, dtype=dtype)
         _set_module(model, name, module)
         replaced.append(name)
     return replaced

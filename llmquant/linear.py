@@ -68,25 +68,40 @@ class QuantLinear(nn.Module):
         self._cpu_key: tuple | None = None  # which qweight/scales the copy was made from
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, bits: int, group_size: int, sym: bool, method: str = "rtn", name: str = "weight"
+    def like(
+        cls, linear: nn.Linear, bits: int, group_size: int, sym: bool, dtype: torch.dtype | None = None
     ) -> QuantLinear:
-        """Quantize an nn.Linear (weight [N, K]); scales keep the weight's dtype."""
-        weight = linear.weight.detach()
-        module = cls(
+        """An empty QuantLinear with the shape, bias and device of `linear` (scales in `dtype`,
+        default the weight's)."""
+        return cls(
             linear.in_features,
             linear.out_features,
             bits,
             group_size,
             sym,
             bias=linear.bias is not None,
-            dtype=weight.dtype,
-            device=weight.device,
+            dtype=dtype or linear.weight.dtype,
+            device=linear.weight.device,
         )
-        module.load_packed(quantize_weight(weight, bits, group_size, sym, method=method, name=name))
+
+    @classmethod
+    def from_packed(
+        cls, linear: nn.Linear, packed: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool
+    ) -> QuantLinear:
+        """`linear` replaced by its packed tensors (as returned by quantize_weight); bias copied."""
+        module = cls.like(linear, bits, group_size, sym)
+        module.load_packed(packed)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, bits: int, group_size: int, sym: bool, method: str = "rtn", name: str = "weight"
+    ) -> QuantLinear:
+        """Quantize an nn.Linear (weight [N, K]) by round to nearest; scales keep the weight's dtype."""
+        packed = quantize_weight(linear.weight.detach(), bits, group_size, sym, method=method, name=name)
+        return cls.from_packed(linear, packed, bits, group_size, sym)
 
     def load_packed(self, packed: dict[str, torch.Tensor]) -> None:
         """Copy packed tensors (as returned by quantize_weight) into the buffers."""

@@ -32,16 +32,15 @@ class QuantizedWeight:
     zeros: torch.Tensor | None
 
 
-def _grouped(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] -> ([N, G, group] padded with zeros, [N, G, group] bool mask of real columns)."""
+def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group], the last group padded with zeros. Padding never changes a group's
+    range: both formulas widen the range to include 0."""
     n, k = weight.shape
     group = effective_group_size(group_size, k)
     groups = num_groups(k, group_size)
     padded = weight.new_zeros(n, groups * group)
     padded[:, :k] = weight
-    mask = torch.zeros(groups * group, dtype=torch.bool, device=weight.device)
-    mask[:k] = True
-    return padded.view(n, groups, group), mask.view(1, groups, group)
+    return padded.view(n, groups, group)
 
 
 def _storable(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,6 +51,35 @@ def _storable(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # 16-bit scales of tiny groups live in the subnormal range; keep the smallest one there.
     smallest = info.smallest_normal * (info.eps if info.bits == 16 else 1.0)
     return torch.where(stored > 0, stored, torch.tensor(smallest, dtype=dtype, device=stored.device))
+
+
+def group_params(
+    w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype, ratio: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of groups along the last dim. w: [..., g] float; ratio: scalar or [...].
+
+    r = 1 is round to nearest; r < 1 clips the range (calibrated methods search it). Returns
+    scale [...] (w's dtype, values exactly representable in scale_dtype) and zero [...] (w's
+    dtype, integer values; the implicit 2^(b-1) when symmetric).
+    """
+    max_code = (1 << bits) - 1
+    if sym:
+        half = 1 << (bits - 1)
+        scale = _storable(w.abs().amax(dim=-1) * ratio / (half - 1), scale_dtype).to(w.dtype)
+        return scale, torch.full_like(scale, half)
+    lo = w.amin(dim=-1).clamp(max=0) * ratio
+    hi = w.amax(dim=-1).clamp(min=0) * ratio
+    scale = _storable((hi - lo) / max_code, scale_dtype).to(w.dtype)
+    zero = torch.clamp(torch.round(-lo / scale), 0, max_code)
+    return scale, zero
+
+
+def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (w's dtype, integer values) of w: [..., m] with scale/zero [...], or of w: [...]
+    with scale/zero of the same shape (one column)."""
+    if w.dim() == scale.dim() + 1:
+        scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:
@@ -81,22 +109,10 @@ def quantize_rtn(
     check_finite(weight, name)
     n, k = weight.shape
     scale_dtype = scale_dtype or weight.dtype
-    groups, real = _grouped(weight.float(), group_size)
-    max_code = (1 << bits) - 1
-    if sym:
-        half = 1 << (bits - 1)
-        absmax = groups.abs().amax(dim=-1)
-        scale = _storable(absmax / (half - 1), scale_dtype).float()
-        q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), -half, half - 1) + half
-        zeros = None
-    else:
-        lo = torch.where(real, groups, torch.inf).amin(dim=-1).clamp(max=0)
-        hi = torch.where(real, groups, -torch.inf).amax(dim=-1).clamp(min=0)
-        scale = _storable((hi - lo) / max_code, scale_dtype).float()
-        zero = torch.clamp(torch.round(-lo / scale), 0, max_code)
-        q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, max_code)
-        zeros = zero.t().to(torch.uint8).contiguous()
-    codes = q.reshape(n, -1)[:, :k].to(torch.uint8)
+    groups = _grouped(weight.float(), group_size)  # [N, G, group]
+    scale, zero = group_params(groups, bits, sym, scale_dtype)  # [N, G]
+    codes = to_codes(groups, scale, zero, bits).reshape(n, -1)[:, :k].to(torch.uint8)
+    zeros = None if sym else zero.t().to(torch.uint8).contiguous()
     return QuantizedWeight(codes=codes, scales=scale.t().to(scale_dtype).contiguous(), zeros=zeros)
 
 

@@ -265,19 +265,9 @@ def quantize_calibrated_(model: nn.Module, config: QuantConfig, calibration, pro
     results = quantize_blocks(model, config, tokens, progress=progress)
     model.train(was_training)
     for name, linear in linear_layers(model, config):
-        module = QuantLinear(
-            linear.in_features,
-            linear.out_features,
-            config.bits,
-            config.group_size,
-            config.sym,
-            bias=linear.bias is not None,
-            dtype=linear.weight.dtype,
-            device=linear.weight.device,
+        module = QuantLinear.from_packed(
+            linear, pack(results[name], config.bits), config.bits, config.group_size, config.sym
         )
-        module.load_packed(pack(results[name], config.bits))
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
         _set_module(model, name, module)
     resolved = QuantConfig(
         **{**config.to_dict(), "modules_to_not_convert": modules_to_skip(model, config), "calibration": info}

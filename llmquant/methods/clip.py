@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..quantize import QuantizedWeight, check_finite
-from .grid import group_params, group_spans, search_clip, to_codes
+from ..quantize import QuantizedWeight, check_finite, group_params, to_codes
+from .grid import group_spans, search_clip
 
 
 def quantize(

@@ -27,8 +27,8 @@ import warnings
 
 import torch
 
-from ..quantize import QuantizedWeight, check_finite
-from .grid import from_codes, group_params, group_spans, search_clip, to_codes
+from ..quantize import QuantizedWeight, check_finite, group_params, to_codes
+from .grid import from_codes, group_spans, search_clip
 
 PERCDAMP = 0.01
 MAX_DAMP_TRIES = 8

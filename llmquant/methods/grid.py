@@ -1,19 +1,17 @@
-"""The quantization grid of one group, shared by every method: parameters, codes, clipping search.
+"""The quantization grid of one group for calibrated methods: clipping search, dequantization.
 
-Same formulas as `llmquant.quantize` (docs/FORMAT.md), written per group so that calibrated
-methods can choose a group's scale and zero from updated weights and a clipping ratio:
+The formulas themselves (`group_params`, `to_codes`, with a clipping ratio r; r = 1 is round to
+nearest) live in `llmquant.quantize` with RTN:
 - asymmetric: lo = min(min(w), 0) * r, hi = max(max(w), 0) * r, scale = (hi - lo) / (2^b - 1),
   zero = round(-lo / scale); code = clamp(round(w / scale) + zero, 0, 2^b - 1);
 - symmetric: scale = r * max|w| / (2^(b-1) - 1), implicit zero 2^(b-1), same clamp.
-r = 1 is round to nearest; r < 1 clips the range. Scales are rounded to their storage dtype
-before the codes are computed, so dequantization reproduces what the rounding saw.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..quantize import QuantizedWeight, _storable
+from ..quantize import QuantizedWeight, group_params, to_codes
 
 # Clipping ratios tried per group and row. 1.0 first: ties keep the unclipped range. For
 # symmetric codes 8/7 (int4) lets a negative extreme use the otherwise unused code -2^(b-1).
@@ -27,33 +25,6 @@ def clip_ratios(bits: int, sym: bool) -> torch.Tensor:
         half = 1 << (bits - 1)
         ratios.append(half / (half - 1))
     return torch.tensor(ratios)
-
-
-def group_params(
-    w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype, ratio: torch.Tensor | float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero of one group per row. w: [N, g] float; ratio: scalar or [N].
-
-    Returns scale [N] (w's dtype, values exactly representable in scale_dtype) and zero [N]
-    (w's dtype, integer values; 2^(b-1) when symmetric).
-    """
-    max_code = (1 << bits) - 1
-    if sym:
-        half = 1 << (bits - 1)
-        scale = _storable(w.abs().amax(dim=1) * ratio / (half - 1), scale_dtype).to(w.dtype)
-        return scale, torch.full_like(scale, half)
-    lo = w.amin(dim=1).clamp(max=0) * ratio
-    hi = w.amax(dim=1).clamp(min=0) * ratio
-    scale = _storable((hi - lo) / max_code, scale_dtype).to(w.dtype)
-    zero = torch.clamp(torch.round(-lo / scale), 0, max_code)
-    return scale, zero
-
-
-def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes (w's dtype, integer values) of w: [N, m] or [N] with per-row scale/zero [N]."""
-    if w.dim() == 2:
-        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
-    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
 
 
 def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
