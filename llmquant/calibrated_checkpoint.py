@@ -1,22 +1,108 @@
 """`llmquant quantize --method gptq`: the packed tensors of a calibrated method, computed up front.
 
 Calibrated methods need activations, so the streaming writer cannot quantize one tensor at a
-time from disk. Route: load the floating-point model on CPU (fp32 compute), quantize it block
-by block (`llmquant.sequential`, one block on the compute device at a time), and hand the
-writer {checkpoint tensor name: packed tensors}; it writes them in place of quantizing, so the
-output layout is the same as for rtn. Scales are rounded to the source weights' dtype.
+time from disk. Route: build the model as a weightless skeleton (parameters on the meta device;
+buffers such as rotary frequencies computed on CPU, as loading would), read from the source
+files only what runs before the first decoder block (embeddings) to capture the calibration
+activations, then quantize block by block (`llmquant.sequential`), each block read from the
+source files straight to the compute device in float32 and freed (back to meta) when done.
+Peak memory: about one block and its activations above the streaming writer's; the packed
+results are kept (about a quarter of the float weights at int4 over fp16) and handed to the
+writer, which writes them in place of quantizing, so the output layout is the same as for rtn.
+Scales are rounded to the source weights' dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .calibration import CalibrationSet, load_calibration
 from .config import QuantConfig
 from .errors import first_line
 from .quantize import pack
+from .source import TensorReader, weight_files
+
+
+def skeleton(src: Path) -> nn.Module:
+    """The float32 model described by src/config.json with every parameter and persistent
+    buffer on the meta device, in eval mode; non-persistent buffers are computed on CPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(src)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as error:
+        raise ValueError(f"cannot build the model described by {src / 'config.json'}: {first_line(error)}") from None
+    return model.eval()
+
+
+def _stored_names(module: nn.Module) -> list[str]:
+    """Names of the tensors a checkpoint holds for `module` (its state dict)."""
+    return list(module.state_dict(keep_vars=True))
+
+
+def _get(module: nn.Module, name: str) -> torch.Tensor:
+    owner_name, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner_name), attr)
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the parameter or buffer `name` of `module` by `value` (a parameter stays one)."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+def materialise(module: nn.Module, names: list[str], reader: TensorReader, prefix: str, device) -> None:
+    """Give `module`'s tensors `names` their values from the source tensors `prefix + name`, on
+    `device`, floating-point ones in the skeleton's dtype (as from_pretrained(dtype=...) would)."""
+    tensors = reader.read([prefix + name for name in names])
+    for name in names:
+        value = tensors.pop(prefix + name)
+        dtype = _get(module, name).dtype if value.is_floating_point() else value.dtype
+        _set(module, name, value.to(device=device, dtype=dtype))
+
+
+class SourceBlocks:
+    """A `BlockStore` (llmquant.sequential) for a skeleton: each block is read from the source
+    files when its turn comes and returned to the meta device (freed) after."""
+
+    def __init__(self, reader: TensorReader, prefix: str) -> None:
+        self.reader, self.prefix = reader, prefix
+
+    @contextlib.contextmanager
+    def embeddings(self, model: nn.Module) -> Iterator[None]:
+        """Everything outside the decoder blocks but the linear layers (the head runs after the
+        last block), on CPU while entered."""
+        linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+        names = [
+            name
+            for name in _stored_names(model)
+            if not name.startswith(self.prefix + ".") and name.rpartition(".")[0] not in linears
+        ]
+        materialise(model, names, self.reader, "", "cpu")
+        try:
+            yield
+        finally:
+            for name in names:  # freed: back to the meta device
+                _set(model, name, torch.empty_like(_get(model, name), device="meta"))
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> nn.Module:
+        materialise(block, _stored_names(block), self.reader, f"{self.prefix}.{index}.", device)
+        return block.to(device)  # non-persistent buffers, computed on CPU
+
+    def release(self, index: int, block: nn.Module, work: nn.Module) -> None:
+        block.to("meta")
 
 
 def precompute_packed(
@@ -32,9 +118,9 @@ def precompute_packed(
 
     calibration: default `load_calibration(tokenizer of src)` (the C4 sample).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .sequential import quantize_blocks
+    from .sequential import decoder_blocks, quantize_blocks
 
     if calibration is None:
         try:
@@ -42,14 +128,19 @@ def precompute_packed(
         except Exception as error:
             raise ValueError(f"{src}: a calibrated method needs the model's tokenizer: {first_line(error)}") from None
         calibration = load_calibration(tokenizer)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    except Exception as error:
-        raise ValueError(f"cannot load {src} to calibrate it: {first_line(error)}") from None
-    model.eval()
+    model = skeleton(src)
+    prefix, _ = decoder_blocks(model)
+    store = SourceBlocks(TensorReader(weight_files(src)), prefix)
     changed: dict[str, torch.Tensor] = {}
     results = quantize_blocks(
-        model, config, calibration.tokens, progress=progress, scale_dtype=scale_dtype, changed=changed
+        model,
+        config,
+        calibration.tokens,
+        progress=progress,
+        scale_dtype=scale_dtype,
+        changed=changed,
+        store=store,
+        keep=lambda q: pack(q, config.bits),  # packed codes: half the bytes of uint8 codes at int4
     )
-    packed = {f"{name}.weight": pack(q, config.bits) for name, q in results.items()}
+    packed = {f"{name}.weight": value for name, value in results.items()}
     return packed, changed, calibration.describe()

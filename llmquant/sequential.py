@@ -8,15 +8,25 @@
    actual input X (produced by the already quantized linears before it in the block: sequential
    quantization), forms H = 2 X^T X / n, runs the method, and replaces the weight by its
    dequantized value before the linear computes. The block's output is the next block's input.
-   The block goes back to its original device.
+   The copy is dropped.
 
-Only one block's weights and activations are on the compute device at a time. Returns
-{module name: QuantizedWeight}; the caller builds QuantLinear layers or writes packed tensors.
+Where a block's weights come from is a `BlockStore`: by default (`ResidentBlocks`) each block of
+an in-memory model is copied to the compute device and the copy is quantized, so the model
+itself is never written and a failure midway leaves it as it was; the checkpoint writer instead
+reads each block of a weightless (meta) skeleton from the source files and frees it after
+(llmquant/calibrated_checkpoint.py). Only one block's weights and activations are on the
+compute device at a time. Returns {module name: QuantizedWeight} and (for awq scaling) the new
+norm values; the caller commits them: builds QuantLinear layers or writes packed tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import itertools
 import warnings
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -47,6 +57,48 @@ def compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class BlockStore(Protocol):
+    """Where quantize_blocks gets each decoder block's weights from, and what it does after."""
+
+    def embeddings(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """While entered, the model can run from its input ids up to its first block."""
+        ...
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> nn.Module:
+        """Block `index` with its weights on `device`: the block to run and quantize (it is changed)."""
+        ...
+
+    def release(self, index: int, block: nn.Module, work: nn.Module) -> None:
+        """Block `index` is done; `work` is what `load` returned."""
+        ...
+
+
+def copy_to(module: nn.Module, device: torch.device) -> nn.Module:
+    """A deep copy of `module` whose parameters and buffers are on `device` (copied straight
+    there, never first a second copy where they are)."""
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        moved = tensor.detach().to(device, copy=True)
+        memo[id(tensor)] = nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else moved
+    return copy.deepcopy(module, memo)
+
+
+class ResidentBlocks:
+    """The blocks of an in-memory model: each is quantized as a copy on the compute device, so the
+    model is untouched until the caller commits the results (all or nothing). Costs one block's
+    weights on the compute device, which moving the block there would cost too."""
+
+    @contextlib.contextmanager
+    def embeddings(self, model: nn.Module) -> Iterator[None]:
+        yield
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> nn.Module:
+        return copy_to(block, device)
+
+    def release(self, index: int, block: nn.Module, work: nn.Module) -> None:
+        pass
+
+
 def _to(value, device: torch.device):
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -74,8 +126,8 @@ def _block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor) -> t
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        device = next(model.parameters()).device
+    try:  # a streamed skeleton holds only what runs before the first block: the rest is on meta
+        device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
         model(input_ids=tokens.to(device), use_cache=False)
     except _Stop:
         pass
@@ -131,14 +183,16 @@ def quantize_blocks(
     progress: bool = True,
     scale_dtype: torch.dtype | None = None,
     changed: dict[str, torch.Tensor] | None = None,
+    store: BlockStore | None = None,
+    keep: Callable[[QuantizedWeight], object] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize every selected linear of `model` with config.method on calibration tokens [S, T].
 
-    The linears' weights are replaced in place by their dequantized values (the model stays
-    made of nn.Linear); returns {module name: QuantizedWeight} with scales in scale_dtype
-    (default: each weight's dtype; a checkpoint writer passes the source dtype). Methods with
-    channel scaling (awq) also change norm weights in place; `changed` then receives
-    {parameter name: new value} for the writer.
+    Returns {module name: QuantizedWeight} with scales in scale_dtype (default: each weight's
+    dtype; a checkpoint writer passes the source dtype), each passed through `keep` when given
+    (e.g. packing, to hold less). Methods with channel scaling (awq) change norm weights:
+    `changed` receives {parameter name: new value (CPU)}. store: where the blocks' weights come
+    from (default ResidentBlocks: the model is not modified; apply the results and `changed`).
     """
     method = get_method(config.method)
     device = device or compute_device()
@@ -147,13 +201,14 @@ def quantize_blocks(
     outside = [n for n in targets if not n.startswith(prefix + ".")]
     if outside:
         raise ValueError(f"{outside[0]!r} is outside the decoder blocks; calibrated methods quantize blocks only")
-    hidden, kwargs = _block_inputs(model, blocks[0], tokens)
+    store = store or ResidentBlocks()
+    with store.embeddings(model):
+        hidden, kwargs = _block_inputs(model, blocks[0], tokens)
     results: dict[str, QuantizedWeight] = {}
     unscaled: set[str] = set()
     bar = tqdm(total=len(blocks), desc=f"{config.method}", unit="block", disable=not progress)
-    for index, block in enumerate(blocks):
-        home = next(block.parameters()).device
-        block.to(device)
+    for index, live in enumerate(blocks):
+        block = store.load(index, live, device)
         hidden = hidden.to(device)
         kw = _to(kwargs, device)
         total = hidden.shape[0]
@@ -202,7 +257,7 @@ def quantize_blocks(
                 scale_dtype or weight.dtype,
                 f"{full}.weight",
             )
-            results[full] = q
+            results[full] = q if keep is None else keep(q)
             # later linears of the block see this one's quantized output
             weight.data.copy_(dequantize(q, config.bits, config.group_size).to(weight.dtype))
             if cache["x_in"] is not x:
@@ -216,10 +271,10 @@ def quantize_blocks(
             for h in handles:
                 h.remove()
         error = ((hidden[:few] - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30)).item()
-        block.to(home)
+        store.release(index, live, block)
         bar.set_postfix_str(f"block {index} rel. output error {error:.2e}")
         bar.update(1)
-        del reference, cache
+        del reference, cache, block, names, norms, hook, handles  # the next block's copy replaces this one
     bar.close()
     if unscaled:
         warnings.warn(
@@ -252,6 +307,9 @@ def _calibration_tokens(calibration) -> tuple[torch.Tensor, dict]:
 def quantize_calibrated_(model: nn.Module, config: QuantConfig, calibration, progress: bool = True) -> nn.Module:
     """`quantize_` for calibrated methods: quantize block by block, then swap in QuantLinear.
 
+    All or nothing: quantize_blocks works on a copy of each block, and the model changes only
+    in the commit at the end (new norm values copied in, QuantLinear swapped in), after every
+    new module and tensor is built; an error or an interrupt before that leaves it as it was.
     Records the resolved config (with `calibration`: dataset, samples, tokens, seed) in
     model.config.quantization_config so that save_pretrained writes a loadable folder.
     """
@@ -261,17 +319,34 @@ def quantize_calibrated_(model: nn.Module, config: QuantConfig, calibration, pro
 
     tokens, info = _calibration_tokens(calibration)
     was_training = model.training
-    model.eval()
-    results = quantize_blocks(model, config, tokens, progress=progress)
-    model.train(was_training)
-    for name, linear in linear_layers(model, config):
-        module = QuantLinear.from_packed(
-            linear, pack(results[name], config.bits), config.bits, config.group_size, config.sym
-        )
-        _set_module(model, name, module)
+    changed: dict[str, torch.Tensor] = {}
+    try:
+        model.eval()
+        results = quantize_blocks(model, config, tokens, progress=progress, changed=changed)
+    finally:
+        model.train(was_training)
+    bits, group_size, sym = config.bits, config.group_size, config.sym
+    modules = {
+        name: QuantLinear.from_packed(linear, pack(results[name], bits), bits, group_size, sym)
+        for name, linear in linear_layers(model, config)
+    }
+    targets = []  # (tensor to overwrite, new value): a swapped linear's tensor is its QuantLinear's
+    for key, value in changed.items():
+        owner, _, attr = key.rpartition(".")
+        if owner in modules:
+            if attr == "weight":
+                continue  # already in the packed weight
+            targets.append((getattr(modules[owner], attr), value))
+        else:
+            targets.append((model.get_submodule(owner).get_parameter(attr), value))
     resolved = QuantConfig(
         **{**config.to_dict(), "modules_to_not_convert": modules_to_skip(model, config), "calibration": info}
     )
+    # commit: nothing above changed the model
+    for tensor, value in targets:
+        tensor.data.copy_(value)
+    for name, module in modules.items():
+        _set_module(model, name, module)
     if hasattr(model, "config"):
         model.config.quantization_config = resolved
     return model

@@ -142,6 +142,50 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             yield from state.items()
 
 
+class TensorReader:
+    """Reads named tensors of a source checkpoint on demand: only those tensors' bytes from
+    safetensors files (a PyTorch file is memory-mapped once and kept, weights_only)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._where: dict[str, Path] = {}
+        self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        for path in files:
+            if path.suffix == ".safetensors":
+                try:
+                    with safe_open(str(path), framework="pt") as handle:
+                        names = list(handle.keys())
+                except Exception as error:  # SafetensorError and OSError: truncated or not safetensors
+                    raise CheckpointError(f"cannot read {path}: {error}") from None
+            else:
+                self._loaded[path] = dict(iter_tensors([path]))
+                names = list(self._loaded[path])
+            self._where.update(dict.fromkeys(names, path))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """{name: tensor} (CPU, the stored dtype) for `names`; CheckpointError naming a missing one."""
+        missing = [name for name in names if name not in self._where]
+        if missing:
+            raise CheckpointError(f"tensor {missing[0]!r} is not in the checkpoint; is the checkpoint complete?")
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self._where[name], []).append(name)
+        tensors = {}
+        for path, file_names in by_file.items():
+            if path in self._loaded:
+                tensors.update((name, self._loaded[path][name]) for name in file_names)
+                continue
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in file_names:
+                        tensors[name] = handle.get_tensor(name)
+            except Exception as error:
+                raise CheckpointError(f"cannot read {file_names[0]!r} from {path}: {error}") from None
+        return tensors
+
+
 def tensor_specs(files: list[Path]) -> list[TensorSpec]:
     """Name, dtype and shape of every source tensor, in file order, without reading the data.
     A tensor name held by two files is refused, naming both."""
