@@ -274,7 +274,7 @@ def quantize_blocks(
         store.release(index, live, block)
         bar.set_postfix_str(f"block {index} rel. output error {error:.2e}")
         bar.update(1)
-        del reference, cache, block, names, norms, hook, handles  # the next block's copy replaces this one
+        del reference, cache, block, names, hook, handles  # free this block (copy) before the next is loaded
     bar.close()
     if unscaled:
         warnings.warn(
