@@ -15,6 +15,8 @@ Scales are rounded to the source weights' dtype.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +75,18 @@ def materialise(module: nn.Module, names: list[str], reader: TensorReader, prefi
         _set(module, name, value.to(device=device, dtype=dtype))
 
 
+def return_freed_memory() -> None:
+    """Hand memory freed on the C heap back to the OS (glibc malloc_trim; a no-op elsewhere).
+
+    glibc raises its mmap threshold after a large free, so the next blocks' tensors come from
+    the heap, whose freed pages it keeps: measured on SmolLM2, reading and freeing 30 blocks
+    grew the resident set by ~360 MiB without this, not at all with it."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class SourceBlocks:
     """A `BlockStore` (llmquant.sequential) for a skeleton: each block is read from the source
     files when its turn comes and returned to the meta device (freed) after."""
@@ -103,6 +117,7 @@ class SourceBlocks:
 
     def release(self, index: int, block: nn.Module, work: nn.Module) -> None:
         block.to("meta")
+        return_freed_memory()
 
 
 def precompute_packed(
