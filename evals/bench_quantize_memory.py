@@ -88,7 +88,7 @@ def markdown(payload: dict, before: dict | None) -> str:
         f"states [{payload['nsamples']}, {payload['seqlen']}, hidden] float32: "
         f"{est['hidden_states_fp32_bytes'] / MIB:.1f} MiB.",
         "",
-        f"commit {payload['environment'].get('commit')}, {payload['environment'].get('date')}, "
+        f"commit {payload['environment'].get('git_commit')}, {payload['environment'].get('date')}, "
         f"{payload['environment'].get('device')}",
     ]
     return "\n".join(lines) + "\n"
