@@ -29,6 +29,23 @@ from .methods.grid import dequantize
 from .quantize import QuantizedWeight
 
 ERROR_SAMPLES = 4  # samples whose float block output is recomputed for the progress bar
+HESSIAN_PANEL = 192  # columns per panel of the Hessian's upper triangle
+
+
+def input_hessian(x: torch.Tensor) -> torch.Tensor:
+    """H = 2 X^T X / n: [K, K] float32 of a linear's inputs x: [n, K] float32.
+
+    H is symmetric: only the panels on and above the diagonal are multiplied (about 60% of the
+    full product's FLOPs for K = 1536) and mirrored. Each entry is the same float32 dot product
+    as in the full x.t() @ x.
+    """
+    n, k = x.shape
+    h = torch.empty(k, k, dtype=x.dtype, device=x.device)
+    for begin in range(0, k, HESSIAN_PANEL):
+        end = min(begin + HESSIAN_PANEL, k)
+        h[begin:end, begin:] = x[:, begin:end].t() @ x[:, begin:]
+        h[end:, begin:end] = h[begin:end, end:].t()
+    return h.mul_(2.0 / n)
 
 
 class _Stop(Exception):
@@ -169,7 +186,7 @@ def quantize_blocks(
             x = args[0]
             if cache.get("x") is not x:  # q/k/v (gate/up) share one input tensor: one Hessian
                 flat = x.reshape(-1, x.shape[-1]).float()
-                cache["x"], cache["h"], cache["x_in"] = x, flat.t() @ flat * (2.0 / flat.shape[0]), x
+                cache["x"], cache["h"], cache["x_in"] = x, input_hessian(flat), x
                 if module in norms:  # fold channel scales into the norm and every linear reading it
                     norm, readers = norms[module]
                     s = awq.search_scales(

@@ -11,8 +11,9 @@ import llmquant
 from llmquant import QuantConfig, QuantLinear
 from llmquant.calibration import CalibrationError, load_calibration, sample_windows
 from llmquant.methods import METHODS, get_method, gptq
-from llmquant.methods.grid import dequantize
-from llmquant.quantize import quantize_rtn
+from llmquant.methods.grid import clip_ratios, dequantize, search_clip
+from llmquant.quantize import group_params, quantize_rtn
+from llmquant.sequential import HESSIAN_PANEL, input_hessian
 
 TEXT = "tinystories-valid-excerpt.txt"
 
@@ -105,6 +106,51 @@ def test_gptq_update_matches_float64_reference():
     assert torch.equal(ours.codes.double(), expected)
     # and the feedback matters: plain rounding gives other codes
     assert not torch.equal(quantize_rtn(w, 4, 32, False).codes, ours.codes)
+
+
+def plain_clip_errors(w, h, bits, sym, scale_dtype):
+    """err[r, n] of the clipping search written out once per ratio with the formulas of
+    docs/FORMAT.md (no buffers, no in-place ops), in w's dtype."""
+    errors = []
+    for r in clip_ratios(bits, sym).tolist():
+        scale, zero = group_params(w, bits, sym, scale_dtype, r)
+        q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
+        d = w - (q - zero[:, None]) * scale[:, None]
+        errors.append((d * d).sum(1) if h is None else ((d @ h) * d).sum(1))
+    return torch.stack(errors)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("with_hessian", [False, True])
+def test_clip_search_picks_the_first_minimum_of_the_plain_objective(sym, with_hessian):
+    torch.manual_seed(1)
+    n, g = 300, 64
+    w = torch.randn(n, g) * torch.rand(n, 1)
+    w[0] = 0  # an all-zero row
+    w[1] = w[1].abs()  # all positive
+    w[2, 5] = 20.0  # an outlier: clipping pays
+    x = torch.randn(256, g) @ torch.randn(g, g)
+    h = 2 * x.t() @ x / x.shape[0] if with_hessian else None
+    ratios = clip_ratios(4, sym)
+    chosen = search_clip(w, h, 4, sym, torch.float16)
+    errors = plain_clip_errors(w, h, 4, sym, torch.float16)
+    # the same float32 arithmetic: exactly the first minimum (r = 1 wins ties)
+    assert torch.equal(chosen, ratios[errors.argmin(0)])
+    assert (chosen == 1).any() and (chosen < 1).any()
+    # and in float64 the chosen ratio is as good as the best one, never worse than r = 1
+    exact = plain_clip_errors(w.double(), None if h is None else h.double(), 4, sym, torch.float16)
+    picked = exact.gather(0, errors.argmin(0)[None])[0]
+    assert torch.all(picked <= exact.min(0).values * (1 + 1e-4) + 1e-12)
+    assert torch.all(picked <= exact[0] * (1 + 1e-4) + 1e-12)
+
+
+def test_input_hessian_is_symmetric_and_matches_float64():
+    torch.manual_seed(2)
+    x = torch.randn(1000, 2 * HESSIAN_PANEL + 17) * torch.rand(2 * HESSIAN_PANEL + 17)  # a ragged last panel
+    h = input_hessian(x)
+    expected = 2 * x.double().t() @ x.double() / x.shape[0]
+    assert h.dtype == torch.float32 and torch.equal(h, h.t())
+    torch.testing.assert_close(h.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_singular_hessian_raises_dampening_with_a_warning_and_stays_finite():
