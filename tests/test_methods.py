@@ -153,6 +153,24 @@ def test_input_hessian_is_symmetric_and_matches_float64():
     torch.testing.assert_close(h.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_gptq_reuses_a_shared_hessian_only_while_it_is_unchanged():
+    torch.manual_seed(3)
+    x = torch.randn(400, 96) @ torch.randn(96, 96)
+    h = 2 * x.t() @ x / x.shape[0]
+    w1, w2 = torch.randn(24, 96), torch.randn(40, 96)
+    gptq.quantize(w1, h, 4, 32, False, torch.float32)  # q_proj: factorises h
+    shared = gptq.quantize(w2, h, 4, 32, False, torch.float32)  # k_proj: same tensor, reused
+    assert torch.equal(shared.codes, gptq.quantize(w2, h.clone(), 4, 32, False, torch.float32).codes)
+    h.add_(torch.diag(torch.rand(96) * h.diagonal()))  # changed in place: must not reuse
+    changed = gptq.quantize(w2, h, 4, 32, False, torch.float32)
+    assert torch.equal(changed.codes, gptq.quantize(w2, h.clone(), 4, 32, False, torch.float32).codes)
+    assert not torch.equal(changed.codes, shared.codes)
+    singular = torch.ones(96, 96)
+    for name in ("a.weight", "b.weight"):  # the warning names every layer sharing the Hessian
+        with pytest.warns(UserWarning, match=rf"{name}: Hessian is numerically singular"):
+            gptq.quantize(w1, singular, 4, 32, False, torch.float32, name=name, percdamp=0.0)
+
+
 def test_singular_hessian_raises_dampening_with_a_warning_and_stays_finite():
     torch.manual_seed(0)
     w = torch.randn(16, 64)

@@ -24,6 +24,7 @@ checked for NaN/Inf and never returned non-finite.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -68,6 +69,61 @@ def processing_order(diag: torch.Tensor, spans: list[tuple[int, int]], act_order
     return torch.argsort(mass, descending=True, stable=True).tolist()
 
 
+_PREPARED: dict = {}  # the last Hessian's factorisation: q/k/v (gate/up) share one Hessian
+
+
+def _prepared(
+    hessian: torch.Tensor,
+    dtype: torch.dtype,
+    spans: list[tuple[int, int]],
+    act_order: bool,
+    percdamp: float,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]], torch.Tensor, torch.Tensor]:
+    """(dead [K] bool, perm [K], runs, H permuted [K, K], U [K, K]) for hessian: [K, K].
+
+    runs: (group index, begin, end) in the permuted column space. Linears reading the same input
+    get the same Hessian tensor; its factorisation is kept (keyed by identity and version, freed
+    with the tensor) and reused, with the dampening warning repeated for each layer.
+    """
+    key = (hessian._version, dtype, tuple(spans), act_order, percdamp)
+    ref = _PREPARED.get("ref")
+    if ref is not None and ref() is hessian and _PREPARED["key"] == key:
+        for message in _PREPARED["warnings"]:
+            warnings.warn(f"{name}: {message}", stacklevel=4)
+        return _PREPARED["value"]
+    h = hessian.to(dtype).clone()
+    if not torch.isfinite(h).all():
+        raise ValueError(f"{name}: calibration activations hold NaN/Inf")
+    dead = h.diagonal() == 0  # inputs that are always zero: any value works, use 0
+    h[dead, dead] = 1
+    order = processing_order(h.diagonal(), spans, act_order)
+    perm_parts, runs = [], []
+    pos = 0
+    for g in order:
+        b, e = spans[g]
+        cols = torch.arange(b, e, device=h.device)
+        if act_order:
+            cols = cols[torch.argsort(h.diagonal()[b:e], descending=True, stable=True)]
+        perm_parts.append(cols)
+        runs.append((g, pos, pos + e - b))
+        pos += e - b
+    perm = torch.cat(perm_parts)
+    h = h[perm][:, perm]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        u = inverse_hessian_factor(h, percdamp, name)
+    messages = [str(c.message).removeprefix(f"{name}: ") for c in caught]
+    for message in messages:
+        warnings.warn(f"{name}: {message}", stacklevel=4)
+    value = (dead, perm, runs, h, u)
+    _PREPARED.clear()
+    _PREPARED.update(
+        ref=weakref.ref(hessian, lambda _ref: _PREPARED.clear()), key=key, warnings=messages, value=value
+    )
+    return value
+
+
 def quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
@@ -91,32 +147,13 @@ def quantize(
     check_finite(weight, name)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.to(dtype).clone()
-    h = hessian.to(dtype).clone()
     n, k = w.shape
-    if not torch.isfinite(h).all():
-        raise ValueError(f"{name}: calibration activations hold NaN/Inf")
-    dead = h.diagonal() == 0  # inputs that are always zero: any value works, use 0
-    h[dead, dead] = 1
+    dead, perm, runs, h, u = _prepared(hessian, dtype, group_spans(k, group_size), act_order, percdamp, name)
     w[:, dead] = 0
-
-    spans = group_spans(k, group_size)
-    order = processing_order(h.diagonal(), spans, act_order)
-    perm_parts, runs = [], []  # runs: (group index, begin, end) in the permuted column space
-    pos = 0
-    for g in order:
-        b, e = spans[g]
-        cols = torch.arange(b, e, device=w.device)
-        if act_order:
-            cols = cols[torch.argsort(h.diagonal()[b:e], descending=True, stable=True)]
-        perm_parts.append(cols)
-        runs.append((g, pos, pos + e - b))
-        pos += e - b
-    perm = torch.cat(perm_parts)
     # Work on W^T [K, N]: a column of W is a contiguous row, so the per-column steps below run
     # in place on contiguous memory without allocating.
     wt = w[:, perm].t().contiguous()
-    h = h[perm][:, perm]
-    u = inverse_hessian_factor(h, percdamp, name)
+    spans = group_spans(k, group_size)
 
     codes = torch.empty(k, n, dtype=dtype, device=w.device)  # transposed, permuted
     scales = [None] * len(spans)
