@@ -10,6 +10,10 @@
    dequantized value before the linear computes. The block's output is the next block's input.
    The block goes back to its original device.
 
+   Methods with channel scaling (awq, gptq-awq) first search and fold every scale of the block
+   on one float forward pass (`_scale_block`, design in `llmquant.methods.awq`), then quantize
+   as above.
+
 Only one block's weights and activations are on the compute device at a time. Returns
 {module name: QuantizedWeight}; the caller builds QuantLinear layers or writes packed tensors.
 """

@@ -26,9 +26,8 @@ def fold_every_block(model, config, tokens):
     for index, block in enumerate(blocks):
         names = {m: n for n, m in block.named_modules() if f"{prefix}.{index}.{n}" in targets}
         reference = sequential._output(block(hidden, **kwargs))
-        skipped.append(
-            sequential._scale_block(block, f"{prefix}.{index}", names, hidden, kwargs, config, targets, changed, reference)
-        )
+        name = f"{prefix}.{index}"
+        skipped.append(sequential._scale_block(block, name, names, hidden, kwargs, config, targets, changed, reference))
         hidden = sequential._output(block(hidden, **kwargs))
         drift.append(((hidden - reference).norm() / reference.norm()).item())
     return changed, skipped, drift
@@ -77,7 +76,8 @@ def test_a_fold_that_changes_the_function_is_reverted_with_a_warning(stories_dir
     # a wrong head layout: tiling kv heads instead of repeating each one
     monkeypatch.setattr(awq, "kv_channel_map", lambda o_in, v_out, head_dim: torch.arange(o_in) % v_out)
     config = QuantConfig(bits=3, group_size=32, method="gptq-awq")
-    with torch.no_grad(), pytest.warns(UserWarning, match=r"model\.layers\.\d: channel scaling changed the float") as caught:
+    misfold = r"model\.layers\.\d: channel scaling changed the float"
+    with torch.no_grad(), pytest.warns(UserWarning, match=misfold) as caught:
         changed, skipped, _ = fold_every_block(model, config, torch.randint(3, 500, (2, 32)))
     assert len(caught) == len(skipped) == 5 and "self_attn.o_proj" in skipped[0] and not changed
     for name, p in model.named_parameters():
