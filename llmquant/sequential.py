@@ -100,7 +100,7 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1
 
 
-def _norm_inputs(block: nn.Module, linears: dict, hidden: torch.Tensor, kwargs: dict) -> dict:
+def _norm_inputs(block: nn.Module, linears: list | dict, hidden: torch.Tensor, kwargs: dict) -> dict:
     """{linear: (norm, [linears reading that norm's output])} for linears whose input is exactly
     a norm's output, found by one forward pass of one sample."""
     outputs, readers, handles = {}, {}, []
@@ -197,7 +197,9 @@ def _scale_block(
     in `changed`. Returns the block-relative names of the linears left unscaled.
     """
     total = hidden.shape[0]
-    norms = _norm_inputs(block, names, hidden[:1], _rows(kwargs, 1, total))
+    # every linear reading a norm is scaled with it, quantized or not (a float one is then written as changed)
+    every_linear = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    norms = _norm_inputs(block, every_linear, hidden[:1], _rows(kwargs, 1, total))
     producers = _linear_producers(block, names)
     skipped = [
         names[m] if m not in producers else f"{names[m]} [{producers[m]}]"
@@ -213,7 +215,8 @@ def _scale_block(
         if module in norms and module not in done:
             norm, readers = norms[module]
             absmean, h = stats[module]
-            s = awq.search_scales([m.weight for m in readers], h, absmean, config.bits, config.group_size, config.sym)
+            quantized = [m.weight for m in readers if m in names]
+            s = awq.search_scales(quantized, h, absmean, config.bits, config.group_size, config.sym)
             plans.append((awq.fold_into_norm, (norm, readers, s)))
             touched += [norm, *readers]
             done.update(readers)

@@ -142,3 +142,25 @@ def test_scale_search_never_loses_to_no_scaling_on_its_objective(stories_dir, st
         full = s if expand is None else s[expand]
         gains.append(error(weights, h, full) / error(weights, h, torch.ones_like(full)))
     assert max(gains) <= 1.0 and min(gains) < 0.99, gains
+
+
+def test_folding_scales_biases_and_reports_unquantized_producers(stories_dir):
+    """v_proj with a bias (as in Qwen2) and an up_proj kept in float (modules_to_not_convert):
+    the fold divides the bias too, and the writer is told about every tensor it changed."""
+    model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
+    torch.manual_seed(0)
+    for layer in model.model.layers:
+        old = layer.self_attn.v_proj
+        layer.self_attn.v_proj = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+        layer.self_attn.v_proj.weight.data.copy_(old.weight)
+    tokens = torch.randint(3, 500, (2, 32))
+    config = QuantConfig(bits=3, group_size=32, method="gptq-awq", modules_to_not_convert=["up_proj"])
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits
+        changed, skipped, drift = fold_every_block(model, config, tokens)
+        assert ((model(input_ids=tokens).logits - logits).norm() / logits.norm()).item() < 1e-5
+    assert max(drift) < 1e-5 and all("mlp.down_proj" not in s for s in skipped)
+    for i, layer in enumerate(model.model.layers):
+        assert torch.equal(changed[f"model.layers.{i}.self_attn.v_proj.bias"], layer.self_attn.v_proj.bias)
+        assert torch.equal(changed[f"model.layers.{i}.mlp.up_proj.weight"], layer.mlp.up_proj.weight)
+        assert f"model.layers.{i}.self_attn.v_proj.weight" not in changed  # quantized: written packed
