@@ -259,11 +259,12 @@ def test_cli_checkpoint_equals_quantize_(stories_dir, tmp_path, capsys, method):
     assert not (tmp_path / "bad").exists()
 
 
-def test_awq_folds_scales_into_norms_and_names_the_layers_it_skips(stories_dir, stories):
+def test_awq_folds_scales_into_norms_and_linears_without_skipping(stories_dir, stories):
     _, calibration, held = stories
     model = AutoModelForCausalLM.from_pretrained(stories_dir)
     norm_before = model.model.layers[0].input_layernorm.weight.detach().clone()
-    with pytest.warns(UserWarning, match=r"no channel scaling for mlp\.down_proj, self_attn\.o_proj"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every linear of a Llama block has a place to fold its scales
         llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method="awq"), calibration=calibration)
     assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm_before)  # scales folded
     float_model = AutoModelForCausalLM.from_pretrained(stories_dir)
