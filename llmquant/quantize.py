@@ -74,12 +74,15 @@ def group_params(
     return scale, zero
 
 
-def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def to_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Unsigned codes (w's dtype, integer values) of w: [..., m] with scale/zero [...], or of w: [...]
-    with scale/zero of the same shape (one column)."""
+    with scale/zero of the same shape (one column). out: optional buffer of w's shape (may be w)."""
     if w.dim() == scale.dim() + 1:
         scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
+    codes = w / scale if out is None else torch.div(w, scale, out=out)
+    return codes.round_().add_(zero).clamp_(0, (1 << bits) - 1)
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:

@@ -11,8 +11,9 @@ import llmquant
 from llmquant import QuantConfig, QuantLinear
 from llmquant.calibration import CalibrationError, load_calibration, sample_windows
 from llmquant.methods import METHODS, get_method, gptq
-from llmquant.methods.grid import dequantize
-from llmquant.quantize import quantize_rtn
+from llmquant.methods.grid import clip_ratios, dequantize, search_clip
+from llmquant.quantize import group_params, quantize_rtn
+from llmquant.sequential import HESSIAN_PANEL, input_hessian
 
 TEXT = "tinystories-valid-excerpt.txt"
 
@@ -107,6 +108,69 @@ def test_gptq_update_matches_float64_reference():
     assert not torch.equal(quantize_rtn(w, 4, 32, False).codes, ours.codes)
 
 
+def plain_clip_errors(w, h, bits, sym, scale_dtype):
+    """err[r, n] of the clipping search written out once per ratio with the formulas of
+    docs/FORMAT.md (no buffers, no in-place ops), in w's dtype."""
+    errors = []
+    for r in clip_ratios(bits, sym).tolist():
+        scale, zero = group_params(w, bits, sym, scale_dtype, r)
+        q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
+        d = w - (q - zero[:, None]) * scale[:, None]
+        errors.append((d * d).sum(1) if h is None else ((d @ h) * d).sum(1))
+    return torch.stack(errors)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("with_hessian", [False, True])
+def test_clip_search_picks_the_first_minimum_of_the_plain_objective(sym, with_hessian):
+    torch.manual_seed(1)
+    n, g = 300, 64
+    w = torch.randn(n, g) * torch.rand(n, 1)
+    w[0] = 0  # an all-zero row
+    w[1] = w[1].abs()  # all positive
+    w[2, 5] = 20.0  # an outlier: clipping pays
+    x = torch.randn(256, g) @ torch.randn(g, g)
+    h = 2 * x.t() @ x / x.shape[0] if with_hessian else None
+    ratios = clip_ratios(4, sym)
+    chosen = search_clip(w, h, 4, sym, torch.float16)
+    errors = plain_clip_errors(w, h, 4, sym, torch.float16)
+    # the same float32 arithmetic: exactly the first minimum (r = 1 wins ties)
+    assert torch.equal(chosen, ratios[errors.argmin(0)])
+    assert (chosen == 1).any() and (chosen < 1).any()
+    # and in float64 the chosen ratio is as good as the best one, never worse than r = 1
+    exact = plain_clip_errors(w.double(), None if h is None else h.double(), 4, sym, torch.float16)
+    picked = exact.gather(0, errors.argmin(0)[None])[0]
+    assert torch.all(picked <= exact.min(0).values * (1 + 1e-4) + 1e-12)
+    assert torch.all(picked <= exact[0] * (1 + 1e-4) + 1e-12)
+
+
+def test_input_hessian_is_symmetric_and_matches_float64():
+    torch.manual_seed(2)
+    x = torch.randn(1000, 2 * HESSIAN_PANEL + 17) * torch.rand(2 * HESSIAN_PANEL + 17)  # a ragged last panel
+    h = input_hessian(x)
+    expected = 2 * x.double().t() @ x.double() / x.shape[0]
+    assert h.dtype == torch.float32 and torch.equal(h, h.t())
+    torch.testing.assert_close(h.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gptq_reuses_a_shared_hessian_only_while_it_is_unchanged():
+    torch.manual_seed(3)
+    x = torch.randn(400, 96) @ torch.randn(96, 96)
+    h = 2 * x.t() @ x / x.shape[0]
+    w1, w2 = torch.randn(24, 96), torch.randn(40, 96)
+    gptq.quantize(w1, h, 4, 32, False, torch.float32)  # q_proj: factorises h
+    shared = gptq.quantize(w2, h, 4, 32, False, torch.float32)  # k_proj: same tensor, reused
+    assert torch.equal(shared.codes, gptq.quantize(w2, h.clone(), 4, 32, False, torch.float32).codes)
+    h.add_(torch.diag(torch.rand(96) * h.diagonal()))  # changed in place: must not reuse
+    changed = gptq.quantize(w2, h, 4, 32, False, torch.float32)
+    assert torch.equal(changed.codes, gptq.quantize(w2, h.clone(), 4, 32, False, torch.float32).codes)
+    assert not torch.equal(changed.codes, shared.codes)
+    singular = torch.ones(96, 96)
+    for name in ("a.weight", "b.weight"):  # the warning names every layer sharing the Hessian
+        with pytest.warns(UserWarning, match=rf"{name}: Hessian is numerically singular"):
+            gptq.quantize(w1, singular, 4, 32, False, torch.float32, name=name, percdamp=0.0)
+
+
 def test_singular_hessian_raises_dampening_with_a_warning_and_stays_finite():
     torch.manual_seed(0)
     w = torch.randn(16, 64)
@@ -195,11 +259,12 @@ def test_cli_checkpoint_equals_quantize_(stories_dir, tmp_path, capsys, method):
     assert not (tmp_path / "bad").exists()
 
 
-def test_awq_folds_scales_into_norms_and_names_the_layers_it_skips(stories_dir, stories):
+def test_awq_folds_scales_into_norms_and_linears_without_skipping(stories_dir, stories):
     _, calibration, held = stories
     model = AutoModelForCausalLM.from_pretrained(stories_dir)
     norm_before = model.model.layers[0].input_layernorm.weight.detach().clone()
-    with pytest.warns(UserWarning, match=r"no channel scaling for mlp\.down_proj, self_attn\.o_proj"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every linear of a Llama block has a place to fold its scales
         llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method="awq"), calibration=calibration)
     assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm_before)  # scales folded
     float_model = AutoModelForCausalLM.from_pretrained(stories_dir)

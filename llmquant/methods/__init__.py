@@ -10,7 +10,7 @@ inputs (see `llmquant.calibrate`); calibration-free ones receive None.
 | clip | yes | round to nearest with a per-group range shrink minimising the output error |
 | gptq | yes | GPTQ error feedback, contiguous-group act-order, clipping search per group (best) |
 | gptq-noclip | yes | GPTQ without the clipping search |
-| awq | yes | activation-aware channel scaling folded into norms, then clip |
+| awq | yes | activation-aware channel scaling folded into norms and preceding linears, then clip |
 | gptq-awq | yes | activation-aware channel scaling, then gptq |
 
 Adding a method: one new module with a `quantize(weight, hessian, bits, group_size, sym,
@@ -33,7 +33,7 @@ class Method:
     quantize: Callable
     calibrated: bool
     summary: str
-    scaling: bool = False  # AWQ-style channel scaling folded into norms before quantizing
+    scaling: bool = False  # AWQ-style channel scaling folded into norms / preceding linears first
 
 
 METHODS: dict[str, Method] = {

@@ -27,11 +27,14 @@ def clip_ratios(bits: int, sym: bool) -> torch.Tensor:
     return torch.tensor(ratios)
 
 
-def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """(codes - zero) * scale, broadcasting per-row scale/zero [N] over codes [N, m] or [N]."""
+def from_codes(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(codes - zero) * scale, broadcasting per-row scale/zero [N] over codes [N, m] or [N].
+    out: optional buffer of codes' shape (may be codes)."""
     if codes.dim() == 2:
         scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
-    return (codes - zero) * scale
+    return torch.sub(codes, zero, out=out).mul_(scale) if out is not None else (codes - zero).mul_(scale)
 
 
 def search_clip(
@@ -42,20 +45,31 @@ def search_clip(
     w: [N, g] float; hessian: [g, g] (the group's block of 2 X^T X / n; None means the identity,
     i.e. plain weight error). Returns ratio [N] in w's dtype; r = 1 wins ties, so the result is
     never worse than round to nearest on this objective.
+
+    One ratio at a time (an [N, g] working set stays in cache, all R at once would not), with
+    the scales and zeros of all ratios computed up front and every step in place on two
+    preallocated [N, g] buffers: to_codes / from_codes with out=.
     """
+    ratios = clip_ratios(bits, sym).to(device=w.device, dtype=w.dtype)
+    scales, zeros = group_params(w, bits, sym, scale_dtype, ratios.unsqueeze(1))  # [R, N]
+    d = torch.empty_like(w, memory_format=torch.contiguous_format)
+    hd = torch.empty_like(d) if hessian is not None else None
     best_err = None
-    best = torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
-    for r in clip_ratios(bits, sym).tolist():
-        scale, zero = group_params(w, bits, sym, scale_dtype, r)
-        d = w - from_codes(to_codes(w, scale, zero, bits), scale, zero)
-        err = (d * d).sum(1) if hessian is None else ((d @ hessian) * d).sum(1)
+    best = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
+    for index in range(len(ratios)):
+        from_codes(to_codes(w, scales[index], zeros[index], bits, out=d), scales[index], zeros[index], out=d)
+        torch.sub(w, d, out=d)
+        if hd is None:
+            err = d.mul_(d).sum(1)
+        else:
+            err = torch.mm(d, hessian, out=hd).mul_(d).sum(1)
         if best_err is None:
             best_err = err
             continue
-        better = err < best_err
+        better = err < best_err  # strict: the earlier ratio (r = 1 first) wins ties
         best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, r), best)
-    return best
+        best.masked_fill_(better, index)
+    return ratios[best]
 
 
 def dequantize(q: QuantizedWeight, bits: int, group_size: int) -> torch.Tensor:
