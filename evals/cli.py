@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmquant.cli import METHOD_NAMES
 from llmquant.errors import first_line
 
 from . import EvalError
@@ -51,7 +52,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="comma-separated configs quantized from MODEL with llmquant.quantize_, e.g. "
         "int8-g128,int4-g64,int4-g128-sym,int4-g128-gptq (intB-gG[-sym][-METHOD], G a size or 'all', METHOD "
-        "rtn (default), clip, gptq, gptq-noclip); MODEL is then also the baseline unless --baseline",
+        f"{', '.join(METHOD_NAMES)}; rtn by default); MODEL is then also the baseline unless --baseline",
     )
     from llmquant.calibration import add_arguments as add_calibration_arguments
 

@@ -123,7 +123,7 @@ def load_calibration(
 
 def add_arguments(parser) -> None:
     """The calibration flags shared by `llmquant quantize` and `llmquant eval`."""
-    group = parser.add_argument_group("calibration (methods clip, gptq, gptq-noclip)")
+    group = parser.add_argument_group("calibration (every method but rtn)")
     group.add_argument(
         "--calib",
         default=None,

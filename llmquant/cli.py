@@ -11,6 +11,7 @@ from .errors import first_line
 
 EXIT_BAD_INPUT = 2
 FORMATS = ("llmquant", "compressed-tensors", "gptq")  # llmquant.formats.FORMAT_NAMES, without importing torch
+METHOD_NAMES = ("rtn", "clip", "gptq", "gptq-noclip", "awq", "gptq-awq")  # llmquant.methods.METHODS, ditto
 
 
 def _group_size(text: str) -> int:
@@ -38,7 +39,7 @@ def _add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
         "--method",
         default="rtn",
         help="how codes are chosen: rtn (default, no data), gptq (best quality: GPTQ + clipping search, "
-        "calibrated), clip, gptq-noclip",
+        f"calibrated); all: {', '.join(METHOD_NAMES)} (docs/METHODS.md)",
     )
     parser.add_argument(
         "--skip",

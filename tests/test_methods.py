@@ -271,3 +271,10 @@ def test_awq_folds_scales_into_norms_and_linears_without_skipping(stories_dir, s
     with torch.no_grad():
         loss = model(input_ids=held, labels=held).loss
         assert loss < float_model(input_ids=held, labels=held).loss + 0.2  # still the same function, roughly
+
+
+def test_cli_help_names_every_registered_method():
+    # the CLI spells the names out so that --help needs no torch; they must not drift apart
+    from llmquant.cli import METHOD_NAMES
+
+    assert tuple(METHOD_NAMES) == tuple(METHODS)
