@@ -112,16 +112,20 @@ def _indexed_files(index_path: Path) -> list[Path]:
     return files
 
 
+def safetensors_names(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, or CheckpointError naming it (truncated, not safetensors)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:  # SafetensorError and OSError
+        raise CheckpointError(f"cannot read {path}: {error}") from None
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every file, one at a time, naming a bad file."""
     for path in files:
         if path.suffix == ".safetensors":
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    names = list(handle.keys())
-            except Exception as error:  # SafetensorError and OSError: truncated or not safetensors
-                raise CheckpointError(f"cannot read {path}: {error}") from None
-            for name in names:
+            for name in safetensors_names(path):
                 try:
                     # A handle per tensor: the file's memory map is released after each read, so
                     # the pages of tensors already written do not stay resident until the end.
@@ -151,11 +155,7 @@ class TensorReader:
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         for path in files:
             if path.suffix == ".safetensors":
-                try:
-                    with safe_open(str(path), framework="pt") as handle:
-                        names = list(handle.keys())
-                except Exception as error:  # SafetensorError and OSError: truncated or not safetensors
-                    raise CheckpointError(f"cannot read {path}: {error}") from None
+                names = safetensors_names(path)
             else:
                 self._loaded[path] = dict(iter_tensors([path]))
                 names = list(self._loaded[path])
