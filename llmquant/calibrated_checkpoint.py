@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,10 +82,16 @@ def return_freed_memory() -> None:
     glibc raises its mmap threshold after a large free, so the next blocks' tensors come from
     the heap, whose freed pages it keeps: measured on SmolLM2, reading and freeing 30 blocks
     grew the resident set by ~360 MiB without this, not at all with it."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (find_library runs ldconfig: not something to do per block)."""
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
 
 
 class SourceBlocks:

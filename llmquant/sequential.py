@@ -207,7 +207,7 @@ def _input_stats(block: nn.Module, modules: list[nn.Module], hidden: torch.Tenso
         x = args[0]
         if last.get("x") is not x:
             flat = x.reshape(-1, x.shape[-1]).float()
-            last["x"], last["stats"] = x, (flat.abs().mean(0), flat.t() @ flat * (2.0 / flat.shape[0]))
+            last["x"], last["stats"] = x, (flat.abs().mean(0), input_hessian(flat))
         stats[module] = last["stats"]
 
     handles = [m.register_forward_pre_hook(hook) for m in modules]
