@@ -16,6 +16,15 @@ copy of the codes repacked once (at load, or on the first CPU forward) into the 
   3 ops per call. The rounding error (relative 2^-9 per activation) is well under the int4
   quantization error, and comparable to the int8 one.
 
+Threads: tinygemm splits its rows evenly over torch's intra-op threads, so when another process
+keeps one of the cores busy, the thread sharing that core makes every call wait for it (SmolLM2's
+210 linears at one row, 2 threads, one competing busy loop: int8 41 ms a step with 2 threads,
+36 ms with 1; idle 21 ms with 2, 36 ms with 1). MKL's float GEMV at one row is effectively
+single-threaded and is not slowed. So decode calls use fewer threads while the machine is
+oversubscribed (`decode_threads`): the number of runnable threads in /proc/loadavg minus torch's
+own (they run or spin between the ops of a decode step) is the number of cores busy elsewhere;
+sampled at most every 0.1 s, the median of the last 3 samples counts.
+
 Prefill (many rows) is GEMM-bound: dequantize W in the activation dtype and call F.linear.
 
 The repacked weight is a non-persistent buffer: counted by `model_size_bytes` (it is memory the
@@ -25,7 +34,9 @@ docs/FORMAT.md.
 
 from __future__ import annotations
 
+import collections
 import os
+import time
 
 import torch
 
@@ -37,12 +48,54 @@ DECODE_MAX_ROWS_ENV = "LLMQUANT_CPU_DECODE_ROWS"
 DECODE_MAX_ROWS = {2: 32, 3: 32, 4: 32, 8: 16}
 TINYGEMM_GROUPS = (256, 128, 64, 32)
 INNER_K_TILES = 2
+DECODE_THREADS_ENV = "LLMQUANT_CPU_DECODE_THREADS"
+LOAD_SAMPLE_SECONDS = 0.1
+LOAD_SAMPLES = 3  # busy cores: the median of the last samples (one snapshot can be off by a process)
 
 
 def decode_max_rows(bits: int) -> int:
     """Most rows sent to the int4 kernel; LLMQUANT_CPU_DECODE_ROWS overrides (0: always dequantize)."""
     override = os.environ.get(DECODE_MAX_ROWS_ENV)
     return int(override) if override else DECODE_MAX_ROWS[bits]
+
+
+def runnable_threads() -> int | None:
+    """Threads runnable on the machine right now (Linux: /proc/loadavg field 4), None if unknown."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].partition("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Load:
+    """What decode_threads last saw: when, which thread count it chose, cores busy elsewhere."""
+
+    sampled_at = float("-inf")
+    threads = 0
+    busy: collections.deque = collections.deque(maxlen=LOAD_SAMPLES)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_threads(limit: int) -> int:
+    """Intra-op threads for one decode GEMM: `limit` (torch's count), fewer while other processes
+    keep cores busy (see the module docstring); LLMQUANT_CPU_DECODE_THREADS fixes it."""
+    override = os.environ.get(DECODE_THREADS_ENV)
+    if override:
+        if not override.isdigit() or int(override) < 1:
+            raise ValueError(f"{DECODE_THREADS_ENV} must be a thread count >= 1, got {override!r}")
+        return min(int(override), limit)
+    if limit == 1:
+        return 1
+    now = time.monotonic()
+    if now - _Load.sampled_at >= LOAD_SAMPLE_SECONDS:
+        runnable = runnable_threads()
+        own = limit  # torch's threads run (or spin) between the decode calls: the other ops use them all
+        _Load.busy.append(0 if runnable is None else max(0, runnable - own))
+        _Load.sampled_at = now
+        busy = sorted(_Load.busy)[len(_Load.busy) // 2]
+        _Load.threads = max(1, min(limit, _Load.cores - busy))
+    return _Load.threads
 
 
 def tinygemm_group(group_size: int, in_features: int, out_features: int, bits: int) -> int | None:
@@ -113,7 +166,16 @@ def int4_linear(
     kernel_dtype = scales_and_zeros.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(kernel_dtype)
-    y = torch._weight_int4pack_mm_for_cpu(x2, packed, tg_group, scales_and_zeros)
+    limit = torch.get_num_threads()
+    threads = decode_threads(limit)
+    if threads == limit:
+        y = torch._weight_int4pack_mm_for_cpu(x2, packed, tg_group, scales_and_zeros)
+    else:
+        torch.set_num_threads(threads)
+        try:
+            y = torch._weight_int4pack_mm_for_cpu(x2, packed, tg_group, scales_and_zeros)
+        finally:
+            torch.set_num_threads(limit)
     if packed.shape[0] != out_features:  # 8 bits: hi and lo halves
         y = y.view(-1, 2, out_features).sum(dim=1, dtype=x.dtype)
     else:

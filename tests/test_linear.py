@@ -103,3 +103,65 @@ def test_cpu_copy_is_counted_not_saved_and_follows_new_codes():
     module.load_packed({k: other.state_dict()[k] for k in ("qweight", "scales", "qzeros")})
     x = torch.randn(1, 576)
     assert torch.equal(module(x), other(x))
+
+
+@pytest.fixture
+def load_probe(monkeypatch):
+    """Feeds decode_threads the given runnable-thread counts, one per sample, on 2 cores and 2 threads."""
+    from llmquant import cpu
+
+    counts: list[int] = []
+    monkeypatch.setattr(cpu, "runnable_threads", lambda: counts.pop(0))
+    monkeypatch.setattr(cpu._Load, "cores", 2)
+    monkeypatch.setattr(cpu._Load, "busy", cpu.collections.deque(maxlen=cpu.LOAD_SAMPLES))
+    monkeypatch.setattr(cpu._Load, "threads", 0)
+    monkeypatch.setattr(cpu._Load, "sampled_at", float("-inf"))
+    clock = [1000.0]
+    monkeypatch.setattr(cpu.time, "monotonic", lambda: clock[0])
+    monkeypatch.delenv(cpu.DECODE_THREADS_ENV, raising=False)
+
+    def threads_after(samples: list[int]) -> list[int]:
+        chosen = []
+        for count in samples:
+            counts.append(count)
+            clock[0] += cpu.LOAD_SAMPLE_SECONDS
+            chosen.append(cpu.decode_threads(2))
+            assert cpu.decode_threads(2) == chosen[-1] and counts == []  # no new sample within 0.1 s
+        return chosen
+
+    return threads_after
+
+
+def test_decode_threads_drop_to_one_while_another_process_is_busy(load_probe, monkeypatch):
+    from llmquant import cpu
+
+    # idle: our two threads; one competing process: three; a single odd sample does not flip it
+    assert load_probe([2, 2, 3, 2, 1]) == [2, 2, 2, 2, 2]
+    assert load_probe([3, 3, 2, 3, 3]) == [2, 1, 1, 1, 1]
+    assert load_probe([2, 2, 2]) == [1, 2, 2]
+    assert load_probe([5, 5]) == [2, 1]  # never fewer than one thread
+    monkeypatch.setenv(cpu.DECODE_THREADS_ENV, "2")
+    assert cpu.decode_threads(2) == 2 and cpu.decode_threads(1) == 1
+    monkeypatch.setenv(cpu.DECODE_THREADS_ENV, "two")
+    with pytest.raises(ValueError, match=cpu.DECODE_THREADS_ENV):
+        cpu.decode_threads(2)
+
+
+def test_decode_on_fewer_threads_gives_the_same_output_and_restores_torch_threads(monkeypatch):
+    from llmquant import cpu
+
+    monkeypatch.setenv("LLMQUANT_KERNEL", "torch")
+    torch.manual_seed(5)
+    module = QuantLinear.from_linear(nn.Linear(576, 1536, bias=True), 8, 128, False)
+    x = torch.randn(1, 1, 576)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv(cpu.DECODE_THREADS_ENV, "2")
+        both = module(x)
+        monkeypatch.setenv(cpu.DECODE_THREADS_ENV, "1")
+        one = module(x)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert module.cpu_packed is not None and torch.equal(one, both)
