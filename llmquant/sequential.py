@@ -14,6 +14,10 @@
    on one float forward pass (`_scale_block`, design in `llmquant.methods.awq`), then quantize
    as above.
 
+   Methods with a float target (gptaq) also carry the float model's hidden states: each block
+   first runs on them unquantized, which gives every linear's float input X_fp and the next
+   block's float hidden states; each linear is then quantized toward W* (`methods/gptaq.py`).
+
 Where a block's weights come from is a `BlockStore`: by default (`ResidentBlocks`) each block of
 an in-memory model is copied to the compute device and the copy is quantized, so the model
 itself is never written and a failure midway leaves it as it was; the checkpoint writer instead
@@ -38,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .convert import linear_layers
-from .methods import awq, get_method
+from .methods import awq, get_method, gptaq
 from .methods.grid import dequantize
 from .quantize import QuantizedWeight
 
@@ -219,6 +223,24 @@ def _input_stats(block: nn.Module, modules: list[nn.Module], hidden: torch.Tenso
     return stats
 
 
+def _float_inputs(block: nn.Module, modules: dict, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """(output, {linear: its input [n, K] float32}) of one pass of the float block on `hidden`
+    (linears sharing an input share the tensor)."""
+    inputs = {}
+
+    def hook(module, args):
+        x = args[0]
+        inputs[module] = x.reshape(-1, x.shape[-1]).float()
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        output = _output(block(hidden, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    return output, inputs
+
+
 def _linear_producers(block: nn.Module, names: dict) -> dict:
     """{consumer linear: (previous linear, [K] long index of the previous output row feeding each
     consumer input channel) or a reason string} for o_proj/down_proj-like linears (awq.PREVIOUS)."""
@@ -356,6 +378,7 @@ def quantize_blocks(
     store = store or ResidentBlocks()
     with store.embeddings(model):
         hidden, kwargs = _block_inputs(model, blocks[0], tokens)
+    hidden_float = hidden  # the float model's hidden states, for float-target methods
     results: dict[str, QuantizedWeight] = {}
     unscaled: dict[str, int] = {}  # block-relative linear name -> blocks where it stayed unscaled
     bar = tqdm(total=len(blocks), desc=f"{config.method}", unit="block", disable=not progress)
@@ -372,16 +395,22 @@ def quantize_blocks(
             skipped = _scale_block(block, f"{prefix}.{index}", names, hidden, kw, config, targets, changed, reference)
             for name in skipped:
                 unscaled[name] = unscaled.get(name, 0) + 1
+        float_inputs: dict = {}
+        if method.float_target:
+            hidden_float, float_inputs = _float_inputs(block, names, hidden_float.to(device), kw)
 
-        def hook(module, args, names=names, cache=cache, index=index):
+        def hook(module, args, names=names, cache=cache, index=index, float_inputs=float_inputs):
             x = args[0]
             if cache.get("x") is not x:  # q/k/v (gate/up) share one input tensor: one Hessian
                 flat = x.reshape(-1, x.shape[-1]).float()
                 cache["x"], cache["h"] = x, input_hessian(flat)
+                if float_inputs:
+                    cache["target"] = gptaq.target_factor(float_inputs[module], flat, cache["h"])
             full = f"{prefix}.{index}.{names[module]}"
             weight = module.weight
+            source = gptaq.float_target(weight.detach(), cache["target"]) if float_inputs else weight.detach()
             q = method.quantize(
-                weight.detach(),
+                source,
                 cache["h"],
                 config.bits,
                 config.group_size,
@@ -403,7 +432,7 @@ def quantize_blocks(
         store.release(index, live, block)
         bar.set_postfix_str(f"block {index} rel. output error {error:.2e}")
         bar.update(1)
-        del reference, cache, block, names, hook, handles  # free this block (copy) before the next is loaded
+        del reference, cache, block, names, hook, handles, float_inputs  # free this block before the next
     bar.close()
     if unscaled:
         listed = ", ".join(f"{name} ({count} of {len(blocks)} blocks)" for name, count in sorted(unscaled.items()))

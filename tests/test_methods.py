@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import llmquant
 from llmquant import QuantConfig, QuantLinear
 from llmquant.calibration import CalibrationError, load_calibration, sample_windows
-from llmquant.methods import METHODS, get_method, gptq
+from llmquant.methods import METHODS, get_method, gptaq, gptq
 from llmquant.methods.grid import clip_ratios, dequantize, search_clip
 from llmquant.quantize import group_params, quantize_rtn
 from llmquant.sequential import HESSIAN_PANEL, input_hessian
@@ -106,6 +106,42 @@ def test_gptq_update_matches_float64_reference():
     assert torch.equal(ours.codes.double(), expected)
     # and the feedback matters: plain rounding gives other codes
     assert not torch.equal(quantize_rtn(w, 4, 32, False).codes, ours.codes)
+
+
+def test_gptaq_target_is_the_ridge_least_squares_fit_of_the_float_outputs():
+    torch.manual_seed(6)
+    n, k, rows = 300, 48, 20
+    x_float = torch.randn(n, k, dtype=torch.float64) @ torch.randn(k, k, dtype=torch.float64)
+    x_quant = x_float + 0.3 * torch.randn(n, k, dtype=torch.float64)  # the error earlier layers left
+    x_quant[:, 7] = 0  # an input that is always zero in the quantized model
+    w = torch.randn(rows, k, dtype=torch.float64)
+    h = 2 * x_quant.t() @ x_quant / n
+    target = gptaq.float_target(w.float(), gptaq.target_factor(x_float.float(), x_quant.float(), h.float()))
+    # argmin_V ||X_q Vᵀ - X_fp Wᵀ||² 2/n + λ||V - W||², λ = DAMP · mean diag(H), as one stacked lstsq
+    lam = gptaq.DAMP * h.diagonal().mean()
+    a = torch.cat((x_quant * (2 / n) ** 0.5, lam.sqrt() * torch.eye(k, dtype=torch.float64)))
+    b = torch.cat(((x_float @ w.t()) * (2 / n) ** 0.5, lam.sqrt() * w.t()))
+    expected = torch.linalg.lstsq(a, b).solution.t()
+    expected[:, 7] = w[:, 7]  # the dead input keeps its weight (unit diagonal, no cross term)
+    torch.testing.assert_close(target.double(), expected, rtol=1e-3, atol=1e-3 * w.abs().max().item())
+    # and with the float inputs themselves there is nothing to correct
+    same = gptaq.target_factor(x_float.float(), x_float.float(), (2 * x_float.t() @ x_float / n).float())
+    torch.testing.assert_close(gptaq.float_target(w.float(), same), w.float())
+
+
+def test_gptaq_brings_the_quantized_model_closer_to_float_than_gptq(stories_dir, stories):
+    _, calibration, held = stories
+    float_model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    with torch.no_grad():
+        reference = torch.log_softmax(float_model(input_ids=held).logits.double(), -1)
+    kl = {}
+    for method in ("gptq", "gptaq"):
+        model = AutoModelForCausalLM.from_pretrained(stories_dir)
+        llmquant.quantize_(model, QuantConfig(bits=3, group_size=32, method=method), calibration=calibration)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=held).logits.double(), -1)
+        kl[method] = (reference.exp() * (reference - logp)).sum(-1).mean().item()
+    assert kl["gptaq"] < 0.9 * kl["gptq"], kl
 
 
 def plain_clip_errors(w, h, bits, sym, scale_dtype):
@@ -213,7 +249,7 @@ def test_default_calibration_is_the_shared_c4_sample():
 
 
 def test_method_names_and_errors(stories_dir):
-    choices = r"method must be one of \['rtn', 'clip', 'gptq', 'gptq-noclip', 'awq', 'gptq-awq'\]"
+    choices = r"method must be one of \['rtn', 'clip', 'gptq', 'gptq-noclip', 'awq', 'gptq-awq', 'gptaq'\]"
     with pytest.raises(ValueError, match=choices):
         QuantConfig(method="awq2")
     assert not get_method("rtn").calibrated and all(METHODS[m].calibrated for m in ("clip", "gptq"))

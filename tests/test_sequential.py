@@ -34,7 +34,7 @@ def checkpoint_tensors(folder):
     return tensors
 
 
-@pytest.mark.parametrize("method", ["gptq", "gptq-awq"])
+@pytest.mark.parametrize("method", ["gptq", "gptq-awq", "gptaq"])
 def test_streamed_checkpoint_equals_the_in_memory_path(stories_dir, tokens, tmp_path, monkeypatch, method):
     """Every tensor `llmquant quantize --method` writes equals what quantize_blocks computes on the
     whole float32 model loaded in memory (the path the CLI took before streaming), and while it

@@ -12,6 +12,7 @@ inputs (see `llmquant.calibrate`); calibration-free ones receive None.
 | gptq-noclip | yes | GPTQ without the clipping search |
 | awq | yes | activation-aware channel scaling folded into norms and preceding linears, then clip |
 | gptq-awq | yes | activation-aware channel scaling, then gptq |
+| gptaq | yes | gptq toward the float model's layer outputs (slower; best at 3 bits) |
 
 Adding a method: one new module with a `quantize(weight, hessian, bits, group_size, sym,
 scale_dtype, name)` function and one `Method` line below.
@@ -22,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import awq, clip, gptq, rtn
+from . import awq, clip, gptaq, gptq, rtn
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Method:
     calibrated: bool
     summary: str
     scaling: bool = False  # AWQ-style channel scaling folded into norms / preceding linears first
+    float_target: bool = False  # receives W* toward the float model's layer outputs (methods/gptaq.py)
 
 
 METHODS: dict[str, Method] = {
@@ -45,6 +47,9 @@ METHODS: dict[str, Method] = {
         Method("gptq-noclip", gptq.quantize_noclip, True, "GPTQ error feedback without clipping search"),
         Method("awq", awq.quantize, True, "activation-aware channel scaling, then clip", scaling=True),
         Method("gptq-awq", awq.quantize_gptq, True, "activation-aware channel scaling, then gptq", scaling=True),
+        Method(
+            "gptaq", gptaq.quantize, True, "gptq toward the float model's layer outputs (slower)", float_target=True
+        ),
     )
 }
 
