@@ -116,16 +116,20 @@ class QuantLinear(nn.Module):
     def _dequantize_kn(self, dtype: torch.dtype) -> torch.Tensor:
         """W^T [K, N] from the K-major packed words, without a transpose copy of the codes."""
         bits, k, n = self.bits, self.in_features, self.out_features
-        codes = self._codes_kn()  # [rows * V, N]
+        weight = self._codes_kn()[:k].to(dtype)  # [K, N], a fresh copy: changed in place below
         group = effective_group_size(self.group_size, k)
-        groups = self.scales.shape[0]
-        padded_k = groups * group
-        if codes.shape[0] < padded_k:
-            codes = F.pad(codes, (0, 0, 0, padded_k - codes.shape[0]))
-        codes = codes[:padded_k].view(groups, group, n).to(dtype)
-        zero = (1 << (bits - 1)) if self.qzeros is None else self.qzeros.to(dtype).unsqueeze(1)
-        weight = codes.sub_(zero).mul_(self.scales.to(dtype).unsqueeze(1))  # in place on the fresh copy
-        return weight.view(padded_k, n)[:k]
+        zero = (1 << (bits - 1)) if self.qzeros is None else self.qzeros.to(dtype).unsqueeze(1)  # [G, 1, N]
+        scale = self.scales.to(dtype).unsqueeze(1)
+        # whole groups as one [G', group, N] view and a ragged last group (K = 576, group 128)
+        # on its own: padding K to whole groups would copy the codes once more
+        whole = k // group
+        if whole:
+            body = weight[: whole * group].view(whole, group, n)
+            body.sub_(zero if isinstance(zero, int) else zero[:whole]).mul_(scale[:whole])
+        if whole * group < k:
+            tail = weight[whole * group :]
+            tail.sub_(zero if isinstance(zero, int) else zero[whole]).mul_(scale[whole])
+        return weight
 
     def _codes_kn(self) -> torch.Tensor:
         """Unsigned codes [rows * V, N] (K-padded), code k of column n at row k."""
