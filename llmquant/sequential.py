@@ -214,13 +214,18 @@ def _input_stats(block: nn.Module, modules: list[nn.Module], hidden: torch.Tenso
             last["x"], last["stats"] = x, (flat.abs().mean(0), input_hessian(flat))
         stats[module] = last["stats"]
 
+    _run_hooked(block, modules, hook, hidden, kwargs)
+    return stats
+
+
+def _run_hooked(block: nn.Module, modules, hook: Callable, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The block's output on `hidden`, with `hook` a forward pre-hook of each of `modules` for this pass only."""
     handles = [m.register_forward_pre_hook(hook) for m in modules]
     try:
-        block(hidden, **kwargs)
+        return _output(block(hidden, **kwargs))
     finally:
         for h in handles:
             h.remove()
-    return stats
 
 
 def _float_inputs(block: nn.Module, modules: dict, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, dict]:
@@ -232,13 +237,7 @@ def _float_inputs(block: nn.Module, modules: dict, hidden: torch.Tensor, kwargs:
         x = args[0]
         inputs[module] = x.reshape(-1, x.shape[-1]).float()
 
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
-    try:
-        output = _output(block(hidden, **kwargs))
-    finally:
-        for h in handles:
-            h.remove()
-    return output, inputs
+    return _run_hooked(block, modules, hook, hidden, kwargs), inputs
 
 
 def _linear_producers(block: nn.Module, names: dict) -> dict:
@@ -422,17 +421,12 @@ def quantize_blocks(
             # later linears of the block see this one's quantized output
             weight.data.copy_(dequantize(q, config.bits, config.group_size).to(weight.dtype))
 
-        handles = [m.register_forward_pre_hook(hook) for m in names]
-        try:
-            hidden = _output(block(hidden, **kw))
-        finally:
-            for h in handles:
-                h.remove()
+        hidden = _run_hooked(block, names, hook, hidden, kw)
         error = ((hidden[:few] - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30)).item()
         store.release(index, live, block)
         bar.set_postfix_str(f"block {index} rel. output error {error:.2e}")
         bar.update(1)
-        del reference, cache, block, names, hook, handles, float_inputs  # free this block before the next
+        del reference, cache, block, names, hook, float_inputs  # free this block before the next
     bar.close()
     if unscaled:
         listed = ", ".join(f"{name} ({count} of {len(blocks)} blocks)" for name, count in sorted(unscaled.items()))
