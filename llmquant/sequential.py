@@ -377,7 +377,7 @@ def quantize_blocks(
     store = store or ResidentBlocks()
     with store.embeddings(model):
         hidden, kwargs = _block_inputs(model, blocks[0], tokens)
-    hidden_float = hidden  # the float model's hidden states, for float-target methods
+    hidden_float = hidden if method.float_target else None  # the float model's hidden states
     results: dict[str, QuantizedWeight] = {}
     unscaled: dict[str, int] = {}  # block-relative linear name -> blocks where it stayed unscaled
     bar = tqdm(total=len(blocks), desc=f"{config.method}", unit="block", disable=not progress)
