@@ -17,10 +17,10 @@ copy of the codes repacked once (at load, or on the first CPU forward) into the 
   quantization error, and comparable to the int8 one.
 
 Threads: tinygemm splits its rows evenly over torch's intra-op threads, so when another process
-keeps one of the cores busy, the thread sharing that core makes every call wait for it (SmolLM2's
-210 linears at one row, 2 threads, one competing busy loop: int8 41 ms a step with 2 threads,
-36 ms with 1; idle 21 ms with 2, 36 ms with 1). MKL's float GEMV at one row is effectively
-single-threaded and is not slowed. So decode calls use fewer threads while the machine is
+keeps one of the cores busy, the thread sharing that core makes every call wait for it, while
+MKL's float GEMV at one row is effectively single-threaded and is not slowed (bench_cpu, int8
+decode beside one busy process: 0.70x float32 before, 0.87-0.91x with this, in
+evals/results/smollm2-135m-cpu.md and its history). So decode calls use fewer threads while the machine is
 oversubscribed (`decode_threads`): the number of runnable threads in /proc/loadavg minus torch's
 own (they run or spin between the ops of a decode step) is the number of cores busy elsewhere;
 sampled at most every 0.1 s, the median of the last 3 samples counts.
@@ -90,8 +90,8 @@ def decode_threads(limit: int) -> int:
     now = time.monotonic()
     if now - _Load.sampled_at >= LOAD_SAMPLE_SECONDS:
         runnable = runnable_threads()
-        own = limit  # torch's threads run (or spin) between the decode calls: the other ops use them all
-        _Load.busy.append(0 if runnable is None else max(0, runnable - own))
+        # torch's own `limit` threads run (or spin) between the decode calls: the other ops use them all
+        _Load.busy.append(0 if runnable is None else max(0, runnable - limit))
         _Load.sampled_at = now
         busy = sorted(_Load.busy)[len(_Load.busy) // 2]
         _Load.threads = max(1, min(limit, _Load.cores - busy))

@@ -118,17 +118,16 @@ class QuantLinear(nn.Module):
         bits, k, n = self.bits, self.in_features, self.out_features
         weight = self._codes_kn()[:k].to(dtype)  # [K, N], a fresh copy: changed in place below
         group = effective_group_size(self.group_size, k)
-        zero = (1 << (bits - 1)) if self.qzeros is None else self.qzeros.to(dtype).unsqueeze(1)  # [G, 1, N]
-        scale = self.scales.to(dtype).unsqueeze(1)
+        zeros = None if self.qzeros is None else self.qzeros.to(dtype).unsqueeze(1)  # [G, 1, N]
+        scales = self.scales.to(dtype).unsqueeze(1)
         # whole groups as one [G', group, N] view and a ragged last group (K = 576, group 128)
-        # on its own: padding K to whole groups would copy the codes once more
+        # as another: padding K to whole groups would copy the codes once more
         whole = k // group
-        if whole:
-            body = weight[: whole * group].view(whole, group, n)
-            body.sub_(zero if isinstance(zero, int) else zero[:whole]).mul_(scale[:whole])
-        if whole * group < k:
-            tail = weight[whole * group :]
-            tail.sub_(zero if isinstance(zero, int) else zero[whole]).mul_(scale[whole])
+        for first, count, length in ((0, whole, group), (whole, 1, k - whole * group)):
+            if count and length:
+                part = weight[first * group : first * group + count * length].view(count, length, n)
+                zero = (1 << (bits - 1)) if zeros is None else zeros[first : first + count]
+                part.sub_(zero).mul_(scales[first : first + count])
         return weight
 
     def _codes_kn(self) -> torch.Tensor:

@@ -403,11 +403,11 @@ def quantize_blocks(
             if cache.get("x") is not x:  # q/k/v (gate/up) share one input tensor: one Hessian
                 flat = x.reshape(-1, x.shape[-1]).float()
                 cache["x"], cache["h"] = x, input_hessian(flat)
-                if float_inputs:
+                if method.float_target:
                     cache["target"] = gptaq.target_factor(float_inputs[module], flat, cache["h"])
             full = f"{prefix}.{index}.{names[module]}"
             weight = module.weight
-            source = gptaq.float_target(weight.detach(), cache["target"]) if float_inputs else weight.detach()
+            source = gptaq.float_target(weight.detach(), cache["target"]) if method.float_target else weight.detach()
             q = method.quantize(
                 source,
                 cache["h"],

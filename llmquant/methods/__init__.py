@@ -12,7 +12,7 @@ inputs (see `llmquant.calibrate`); calibration-free ones receive None.
 | gptq-noclip | yes | GPTQ without the clipping search |
 | awq | yes | activation-aware channel scaling folded into norms and preceding linears, then clip |
 | gptq-awq | yes | activation-aware channel scaling, then gptq |
-| gptaq | yes | gptq toward the float model's layer outputs (slower; best at 3 bits) |
+| gptaq | yes | gptq toward the float model's layer outputs (closest to float in KL; slower) |
 
 Adding a method: one new module with a `quantize(weight, hessian, bits, group_size, sym,
 scale_dtype, name)` function and one `Method` line below.
