@@ -27,6 +27,7 @@ from torch import nn
 from .calibration import CalibrationSet, load_calibration
 from .config import QuantConfig
 from .errors import first_line
+from .methods import get_method
 from .quantize import pack
 from .source import TensorReader, weight_files
 
@@ -115,18 +116,26 @@ class SourceBlocks:
     """A `BlockStore` (llmquant.sequential) for a skeleton: each block is read from the source
     files when its turn comes and returned to the meta device (freed) after."""
 
-    def __init__(self, reader: TensorReader, prefix: str) -> None:
-        self.reader, self.prefix = reader, prefix
+    def __init__(self, reader: TensorReader, prefix: str, head: bool = False) -> None:
+        self.reader, self.prefix, self.head = reader, prefix, head
 
     @contextlib.contextmanager
     def embeddings(self, model: nn.Module) -> Iterator[None]:
         """Everything outside the decoder blocks but the linear layers (the head runs after the
-        last block), on CPU while entered."""
+        last block), on CPU while entered; with `head`, also the output head's tensors stored in
+        the source (rotations rewrite it; a tied head has none)."""
         linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+        tied = set()  # the head's tensors a tied source does not store
+        if self.head:
+            head = model.get_output_embeddings()
+            head_name = next((n for n, m in model.named_modules() if m is head), None)
+            linears.discard(head_name)
+            tied = {n for n in _stored_names(head) if f"{head_name}.{n}" not in self.reader}
+            tied = {f"{head_name}.{n}" for n in tied}
         names = [
             name
             for name in _stored_names(model)
-            if not name.startswith(self.prefix + ".") and name.rpartition(".")[0] not in linears
+            if not name.startswith(self.prefix + ".") and name.rpartition(".")[0] not in linears and name not in tied
         ]
         materialise(model, names, self.reader, "", "cpu")
         try:
@@ -153,7 +162,8 @@ def precompute_packed(
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict]:
     """{"<module>.weight": packed tensors} for every quantized linear of the model in `src`,
     {tensor name: new float value} for tensors the method changed (norm weights under awq
-    scaling), and the calibration record (dataset, samples, tokens, seed).
+    scaling; under rotations also the embedding and the head, which a tied source lacks), and
+    the calibration record (dataset, samples, tokens, seed).
 
     calibration: default `load_calibration(tokenizer of src)` (the C4 sample).
     """
@@ -170,7 +180,7 @@ def precompute_packed(
     map_large_allocations()
     model = skeleton(src)
     prefix, _ = decoder_blocks(model)
-    store = SourceBlocks(TensorReader(weight_files(src)), prefix)
+    store = SourceBlocks(TensorReader(weight_files(src)), prefix, head=get_method(config.method).rotation)
     changed: dict[str, torch.Tensor] = {}
     results = quantize_blocks(
         model,

@@ -25,7 +25,7 @@ from .plan import check_shapes, output_specs, quantizable_weights
 from .progress import progress_bar
 from .publish import check_output, copy_side_files, staged_output
 from .quantize import quantize_weight
-from .shards import ShardedWriter, parse_size
+from .shards import ShardedWriter, TensorSpec, parse_size
 from .source import iter_tensors, read_config, resolve_source, tensor_specs, weight_files
 from .stats import bits_from_bytes
 
@@ -87,11 +87,15 @@ def quantize_checkpoint(
     check_shapes(source_specs, skeleton, source / "config.json")
     layout = get_format(fmt)
     specs = output_specs(source_specs, targets, config, fmt)
-    precomputed, changed = {}, {}
+    precomputed, changed, added = {}, {}, {}
     if get_method(config.method).calibrated:
         scale_dtype = next(spec.dtype for spec in source_specs if spec.name in targets)
         precomputed, changed, record = precompute_packed(source, config, scale_dtype, calibration, progress)
         saved_config.calibration = record
+        # tensors the source lacks (a rotated model's head, tied to the embedding before): written last
+        stored = {spec.name for spec in source_specs}
+        added = {name: value.to(scale_dtype) for name, value in changed.items() if name not in stored}
+        specs += [TensorSpec(name, value.dtype, tuple(value.shape)) for name, value in added.items()]
 
     summary = Summary(warnings=layout.engine_warnings(saved_config))
     with staged_output(out) as staging:
@@ -117,9 +121,15 @@ def quantize_checkpoint(
             summary.layers.append(module)
             bar.update(1)
         bar.close()
+        for name, value in added.items():
+            check_finite_copy(name, value)
+            writer.write(name, value)
+            summary.params_total += value.numel()
         writer.close()
         summary.bytes_after = writer.total_bytes
         model_config["quantization_config"] = layout.quantization_config(saved_config)
+        if added:  # the head has its own tensor now
+            model_config["tie_word_embeddings"] = False
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         copy_side_files(source, staging)
         write_model_card(staging / "README.md", base_model=src, config=saved_config, summary=summary, fmt=fmt)

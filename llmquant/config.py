@@ -30,8 +30,9 @@ class QuantConfig(QuantizationConfigMixin):
         sym: symmetric codes around an implicit zero (no stored zeros) instead of asymmetric.
         method: how codes are chosen (`llmquant.methods.METHODS`): "rtn" (round to nearest,
             default), "clip", "gptq" (best quality; needs calibration data, see
-            `llmquant.quantize_`), "gptq-noclip", "awq", "gptq-awq", "gptaq". The stored form never depends on it, so
-            every method loads with the same kernels.
+            `llmquant.quantize_`), "gptq-noclip", "awq", "gptq-awq", "gptaq", "gptq-rot" (rotations
+            folded into the weights first; a tied head becomes its own float tensor). The stored
+            form never depends on it, so every method loads with the same kernels.
         modules_to_not_convert: module names (or name suffixes) left in floating point. None
             means the output head; embeddings are never touched (they are not nn.Linear).
     """

@@ -14,6 +14,11 @@
    on one float forward pass (`_scale_block`, design in `llmquant.methods.awq`), then quantize
    as above.
 
+   Methods with a rotation (gptq-rot) rotate the residual stream by an orthogonal Q: the
+   embedding, the final norm and the head are rotated once (`_rotate_outside`), the captured
+   hidden states are multiplied by Q, and each block's norms are folded and its linears rotated
+   when it is loaded (`_rotate_block`, design in `llmquant.methods.rotation`).
+
    Methods with a float target (gptaq) also carry the float model's hidden states: each block
    first runs on them unquantized, which gives every linear's float input X_fp and the next
    block's float hidden states; each linear is then quantized toward W* (`methods/gptaq.py`).
@@ -23,8 +28,8 @@ an in-memory model is copied to the compute device and the copy is quantized, so
 itself is never written and a failure midway leaves it as it was; the checkpoint writer instead
 reads each block of a weightless (meta) skeleton from the source files and frees it after
 (llmquant/calibrated_checkpoint.py). Only one block's weights and activations are on the
-compute device at a time. Returns {module name: QuantizedWeight} and (for awq scaling) the new
-norm values; the caller commits them: builds QuantLinear layers or writes packed tensors.
+compute device at a time. Returns {module name: QuantizedWeight} and (for awq scaling and
+rotations) the new values of the float tensors the method changed; the caller commits them: builds QuantLinear layers or writes packed tensors.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .convert import linear_layers
-from .methods import awq, get_method, gptaq
+from .methods import awq, get_method, gptaq, rotation
 from .methods.grid import dequantize
 from .quantize import QuantizedWeight
 
@@ -67,6 +72,7 @@ def input_hessian(x: torch.Tensor) -> torch.Tensor:
 
 
 FOLD_TOLERANCE = 1e-3  # relative change of the float block output that AWQ folding may cause
+ROTATION_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3}  # else (16-bit weights) 2e-2
 
 
 class _Stop(Exception):
@@ -347,6 +353,94 @@ def _scale_block(
     return skipped
 
 
+def _final_norm(model: nn.Module, prefix: str) -> tuple[str, nn.Module]:
+    """(name, module) of the one norm outside the decoder blocks (applied before the head)."""
+    found = [(n, m) for n, m in model.named_modules() if _is_norm(m) and not n.startswith(prefix + ".")]
+    if len(found) != 1:
+        raise ValueError(
+            f"{type(model).__name__}: rotation needs exactly one norm outside the decoder blocks "
+            f"(the final norm), found {len(found)}: {[n for n, _ in found]}"
+        )
+    return found[0]
+
+
+def _rotate_outside(
+    model: nn.Module, prefix: str, q: torch.Tensor, hidden: torch.Tensor, changed: dict[str, torch.Tensor]
+) -> None:
+    """Record in `changed` the rotated embedding, the unit final norm and the head W diag(g) Q
+    (design: methods/rotation.py). A tied head gets its own tensor. ValueError when the final
+    norm is not an RMS norm (it would not commute with Q). hidden: [S, T, D] first block's input."""
+    names = {m: n for n, m in model.named_modules()}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is None or head is None:
+        raise ValueError(f"{type(model).__name__}: rotation needs an input embedding and an output head")
+    norm_name, norm = _final_norm(model, prefix)
+    sample = rotation.rotate(hidden[:1].reshape(-1, hidden.shape[-1]), q).to(norm.weight.dtype)
+    drift = rotation.norm_commutes(norm, sample, q)
+    if not drift < ROTATION_TOLERANCE.get(norm.weight.dtype, 2e-2):
+        raise ValueError(
+            f"{norm_name}: rotation needs RMS norms that commute with an orthogonal rotation; this one "
+            f"changed its output by {drift:.2e} (relative)"
+        )
+    tied = head.weight is embed.weight or head.weight.is_meta  # a streamed tied head is never read
+    head_weight = embed.weight if tied else head.weight
+    changed[f"{names[embed]}.weight"] = rotation.rotate(embed.weight.detach(), q).cpu()
+    changed[f"{names[head]}.weight"] = rotation.rotated_head(head_weight.detach(), norm.weight.detach(), q).cpu()
+    changed[f"{norm_name}.weight"] = torch.ones_like(norm.weight, device="cpu")
+
+
+def _rotate_block(
+    block: nn.Module,
+    block_name: str,
+    q: torch.Tensor,
+    hidden: torch.Tensor,
+    kwargs: dict,
+    targets: dict,
+    changed: dict[str, torch.Tensor],
+) -> None:
+    """Fold the norms of one float block into the linears reading them and rotate its linears
+    (design: methods/rotation.py). Checked: the block's output on the rotated stream is its float
+    output rotated; ValueError naming the block otherwise. hidden: [S, T, D] rotated stream."""
+    total = hidden.shape[0]
+    few = min(ERROR_SAMPLES, total)
+    kw = _rows(kwargs, few, total)
+    width = q.shape[0]
+    expected = rotation.rotate(_output(block(rotation.rotate(hidden[:few], q.t()), **kw)), q)
+    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    norms = _norm_inputs(block, linears, hidden[:1], _rows(kwargs, 1, total))
+    for norm, readers in {id(norm): (norm, readers) for norm, readers in norms.values()}.values():
+        if norm.weight.numel() == width:  # a norm on the stream (not inside attention)
+            rotation.fold_norm_(norm, readers)
+    touched = [norm for norm, _ in norms.values() if norm.weight.numel() == width]
+    for linear in linears:
+        if linear in norms and linear.in_features == width:
+            rotation.rotate_inputs_(linear, q)
+        elif linear not in norms and linear.out_features == width:
+            rotation.rotate_outputs_(linear, q)
+        else:
+            continue
+        touched.append(linear)
+    for module in block.modules():
+        values, output = getattr(module, "v_proj", None), getattr(module, "o_proj", None)
+        head_dim = getattr(module, "head_dim", None)
+        if isinstance(values, nn.Linear) and isinstance(output, nn.Linear) and head_dim:
+            if values.out_features % head_dim == 0 and output.in_features % head_dim == 0:
+                rotation.rotate_heads_(values, output, rotation.random_orthogonal(head_dim, rotation.SEED + 1), head_dim)
+    got = _output(block(hidden[:few], **kw))
+    drift = ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+    if not drift < ROTATION_TOLERANCE.get(hidden.dtype, 2e-2):
+        raise ValueError(
+            f"{block_name}: rotation changed the float block output (relative {drift:.2e}); rotation needs "
+            "pre-norm blocks with RMS norms whose linears read the normed stream or write to it (Llama-style)"
+        )
+    module_names = {m: n for n, m in block.named_modules()}
+    for module in dict.fromkeys(touched):
+        name = f"{block_name}.{module_names[module]}"
+        for key, value in module.named_parameters(recurse=False):
+            if not (key == "weight" and name in targets):  # quantized weights are written packed
+                changed[f"{name}.{key}"] = value.detach().to("cpu", copy=True)
+
+
 @torch.no_grad()
 def quantize_blocks(
     model: nn.Module,
@@ -375,8 +469,16 @@ def quantize_blocks(
     if outside:
         raise ValueError(f"{outside[0]!r} is outside the decoder blocks; calibrated methods quantize blocks only")
     store = store or ResidentBlocks()
+    q = None  # the rotation of the residual stream (methods with rotation)
+    if method.rotation and changed is None:
+        raise ValueError(f"{config.method} changes float tensors: pass `changed` to receive them")
     with store.embeddings(model):
         hidden, kwargs = _block_inputs(model, blocks[0], tokens)
+        if method.rotation:
+            q = rotation.random_orthogonal(hidden.shape[-1])
+            _rotate_outside(model, prefix, q, hidden, changed)
+    if q is not None:
+        hidden = rotation.rotate(hidden, q)
     hidden_float = hidden if method.float_target else None  # the float model's hidden states
     results: dict[str, QuantizedWeight] = {}
     unscaled: dict[str, int] = {}  # block-relative linear name -> blocks where it stayed unscaled
@@ -387,6 +489,8 @@ def quantize_blocks(
         kw = _to(kwargs, device)
         total = hidden.shape[0]
         few = min(ERROR_SAMPLES, total)
+        if q is not None:
+            _rotate_block(block, f"{prefix}.{index}", q, hidden, kw, targets, changed)
         reference = _output(block(hidden[:few], **_rows(kw, few, total)))
         names = {module: name for name, module in block.named_modules() if f"{prefix}.{index}.{name}" in targets}
         cache: dict = {}
@@ -441,6 +545,15 @@ def quantize_blocks(
     return results
 
 
+def _head_to_untie(model: nn.Module, changed: dict[str, torch.Tensor]) -> str | None:
+    """The head's module name when `changed` gives it a new value while it shares the embedding's tensor."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return None
+    name = next(n for n, m in model.named_modules() if m is head)
+    return name if f"{name}.weight" in changed else None
+
+
 def _calibration_tokens(calibration) -> tuple[torch.Tensor, dict]:
     from .calibration import CalibrationSet
 
@@ -484,18 +597,23 @@ def quantize_calibrated_(model: nn.Module, config: QuantConfig, calibration, pro
         for name, linear in linear_layers(model, config)
     }
     targets = []  # (tensor to overwrite, new value): a swapped linear's tensor is its QuantLinear's
+    untie = _head_to_untie(model, changed)
     for key, value in changed.items():
         owner, _, attr = key.rpartition(".")
         if owner in modules:
             if attr == "weight":
                 continue  # already in the packed weight
             targets.append((getattr(modules[owner], attr), value))
-        else:
+        elif owner != untie:
             targets.append((model.get_submodule(owner).get_parameter(attr), value))
     resolved = QuantConfig(
         **{**config.to_dict(), "modules_to_not_convert": modules_to_skip(model, config), "calibration": info}
     )
     # commit: nothing above changed the model
+    if untie is not None:  # the head gets its own tensor before the embedding it shared changes
+        head = model.get_submodule(untie)
+        head.weight = nn.Parameter(changed[f"{untie}.weight"].to(head.weight), head.weight.requires_grad)
+        model.config.get_text_config().tie_word_embeddings = False
     for tensor, value in targets:
         tensor.data.copy_(value)
     for name, module in modules.items():

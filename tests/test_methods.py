@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import llmquant
 from llmquant import QuantConfig, QuantLinear
 from llmquant.calibration import CalibrationError, load_calibration, sample_windows
-from llmquant.methods import METHODS, get_method, gptaq, gptq
+from llmquant.methods import METHODS, get_method, gptaq, gptq, rotation
 from llmquant.methods.grid import clip_ratios, dequantize, search_clip
 from llmquant.quantize import group_params, quantize_rtn
 from llmquant.sequential import HESSIAN_PANEL, input_hessian
@@ -144,6 +144,25 @@ def test_gptaq_brings_the_quantized_model_closer_to_float_than_gptq(stories_dir,
     assert kl["gptaq"] < 0.9 * kl["gptq"], kl
 
 
+def test_rotated_model_keeps_the_float_function(stories_dir, stories):
+    """At 8 bits, where rounding costs almost nothing, gptq-rot's logits are as close to float as
+    gptq's: folding the norms and rotating embedding, blocks, heads and head keep the function."""
+    _, calibration, held = stories
+    float_model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    with torch.no_grad():
+        reference = float_model(input_ids=held).logits
+    error = {}
+    for method in ("gptq", "gptq-rot"):
+        model = AutoModelForCausalLM.from_pretrained(stories_dir)
+        llmquant.quantize_(model, QuantConfig(bits=8, group_size=32, method=method), calibration=calibration)
+        with torch.no_grad():
+            error[method] = ((model(input_ids=held).logits - reference).norm() / reference.norm()).item()
+    assert error["gptq-rot"] < 1.5 * error["gptq"] and error["gptq-rot"] < 0.01, error
+    q = rotation.random_orthogonal(64)
+    torch.testing.assert_close(q @ q.t(), torch.eye(64, dtype=torch.float64))
+    assert torch.equal(q, rotation.random_orthogonal(64)) and not torch.equal(q, rotation.random_orthogonal(64, 1))
+
+
 def plain_clip_errors(w, h, bits, sym, scale_dtype):
     """err[r, n] of the clipping search written out once per ratio with the formulas of
     docs/FORMAT.md (no buffers, no in-place ops), in w's dtype."""
@@ -249,7 +268,7 @@ def test_default_calibration_is_the_shared_c4_sample():
 
 
 def test_method_names_and_errors(stories_dir):
-    choices = r"method must be one of \['rtn', 'clip', 'gptq', 'gptq-noclip', 'awq', 'gptq-awq', 'gptaq'\]"
+    choices = r"method must be one of \['rtn', 'clip', 'gptq', 'gptq-noclip', 'awq', 'gptq-awq', 'gptaq', 'gptq-rot'\]"
     with pytest.raises(ValueError, match=choices):
         QuantConfig(method="awq2")
     assert not get_method("rtn").calibrated and all(METHODS[m].calibrated for m in ("clip", "gptq"))

@@ -2,6 +2,7 @@
 the in-memory path computes; a calibrated quantize_ that fails midway leaves the model as it was."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def checkpoint_tensors(folder):
     return tensors
 
 
-@pytest.mark.parametrize("method", ["gptq", "gptq-awq", "gptaq"])
+@pytest.mark.parametrize("method", ["gptq", "gptq-awq", "gptaq", "gptq-rot"])
 def test_streamed_checkpoint_equals_the_in_memory_path(stories_dir, tokens, tmp_path, monkeypatch, method):
     """Every tensor `llmquant quantize --method` writes equals what quantize_blocks computes on the
     whole float32 model loaded in memory (the path the CLI took before streaming), and while it
@@ -75,10 +76,13 @@ def test_streamed_checkpoint_equals_the_in_memory_path(stories_dir, tokens, tmp_
             expected.update({f"{module}.{key}": value for key, value in results[module].items()})
         else:
             expected[name] = changed.get(name, tensor)
+    expected.update({name: value for name, value in changed.items() if name not in source})  # an untied head
     assert written.keys() == expected.keys()
     for name, tensor in expected.items():
         assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
-    assert bool(changed) == (method == "gptq-awq")
+    assert bool(changed) == (method in ("gptq-awq", "gptq-rot"))
+    assert (method == "gptq-rot") == ("lm_head.weight" in written)  # stories260k ties its head
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] == (method != "gptq-rot")
 
 
 def test_tensor_reader_reads_by_name_and_names_a_missing_tensor(stories_dir):
@@ -128,6 +132,7 @@ def _assert_unchanged(model, before, types, training):
     [
         ("gptq", "method error"),
         ("gptq-awq", "method error"),  # norms of blocks 0-3 were rescaled before block 4 failed
+        ("gptq-rot", "method error"),  # blocks 0-3 rotated, the head untied in the results
         ("gptq", "interrupt"),
         ("gptq", "nan activations"),
     ],
@@ -149,6 +154,36 @@ def test_failed_calibrated_quantize_leaves_the_model_as_it_was(stories_dir, toke
     with expected:
         llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method=method), calibration=tokens, progress=False)
     _assert_unchanged(model, before, types, training=True)
+
+
+def test_rotated_quantize_unties_the_head_and_reloads(stories_dir, tokens, tmp_path):
+    """gptq-rot commits the rotated embedding, the unit norms and the head as its own tensor
+    (stories260k ties it), and a saved folder loads with the same logits."""
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    config = QuantConfig(bits=4, group_size=32, method="gptq-rot")
+    reference = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
+    changed = {}
+    sequential.quantize_blocks(reference, config, tokens, progress=False, changed=changed)
+    llmquant.quantize_(model, config, calibration=tokens, progress=False)
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= changed.keys()
+    assert all(torch.equal(model.get_parameter(name), value) for name, value in changed.items())
+    assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
+    assert torch.equal(model.model.layers[2].input_layernorm.weight, torch.ones(64))
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens[:2]).logits, again(input_ids=tokens[:2]).logits)
+
+
+def test_rotation_refuses_a_norm_that_does_not_commute(stories_dir, tokens):
+    """A final LayerNorm (mean subtraction does not commute with a rotation): an error naming it,
+    the model untouched."""
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    model.model.norm = torch.nn.LayerNorm(64)
+    before, types = _snapshot(model), {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(ValueError, match="model.norm: rotation needs RMS norms"):
+        llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method="gptq-rot"), calibration=tokens)
+    _assert_unchanged(model, before, types, training=False)
 
 
 def test_successful_calibrated_quantize_commits_norms_and_layers(stories_dir, tokens):

@@ -13,6 +13,7 @@ inputs (see `llmquant.calibrate`); calibration-free ones receive None.
 | awq | yes | activation-aware channel scaling folded into norms and preceding linears, then clip |
 | gptq-awq | yes | activation-aware channel scaling, then gptq |
 | gptaq | yes | gptq toward the float model's layer outputs (closest to float in KL; slower) |
+| gptq-rot | yes | random orthogonal rotations folded into the weights (head untied), then gptq |
 
 Adding a method: one new module with a `quantize(weight, hessian, bits, group_size, sym,
 scale_dtype, name)` function and one `Method` line below.
@@ -36,6 +37,7 @@ class Method:
     summary: str
     scaling: bool = False  # AWQ-style channel scaling folded into norms / preceding linears first
     float_target: bool = False  # receives W* toward the float model's layer outputs (methods/gptaq.py)
+    rotation: bool = False  # residual stream and attention heads rotated first (methods/rotation.py)
 
 
 METHODS: dict[str, Method] = {
@@ -50,6 +52,7 @@ METHODS: dict[str, Method] = {
         Method(
             "gptaq", gptaq.quantize, True, "gptq toward the float model's layer outputs (slower)", float_target=True
         ),
+        Method("gptq-rot", gptq.quantize, True, "rotations folded into the weights, then gptq", rotation=True),
     )
 }
 

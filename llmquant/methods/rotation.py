@@ -1,0 +1,108 @@
+"""Orthogonal rotations folded into the weights before quantization (weight-only QuaRot/SpinQuant style).
+
+A pre-norm transformer computes the same function if its residual stream is rotated by an
+orthogonal Q: [D, D] (x -> x Q) everywhere, because an RMS norm with unit weight commutes with Q
+(||x Q|| = ||x||). Folding it into the weights:
+- every norm's weight g is first folded into the linears reading its output (W <- W diag(g),
+  g <- 1), so that each norm is a pure RMS normalisation;
+- linears reading the stream (q/k/v, gate/up): W <- W Q; linears writing to it (o_proj,
+  down_proj): W <- Q^T W (bias b <- b Q);
+- the embedding: E <- E Q; the head: W_head <- W_head diag(g_final) Q. A tied head cannot stay
+  tied (the embedding is E Q, the head E diag(g) Q), so the head becomes its own float tensor.
+Inside attention the value/output pair gets a second rotation R: [d, d] per head (R2 in
+SpinQuant): each value head's output rows W_v,h <- R^T W_v,h and each o_proj head's input
+columns W_o[:, h] <- W_o[:, h] R (softmax(QK^T) V mixes positions, not channels, so R passes
+through it).
+
+Nothing runs at inference: the result is an ordinary checkpoint of the same architecture. Why it
+helps: a random rotation spreads each weight row's outlier channels over all channels
+(incoherence, QuIP), so a group's range is set by typical values rather than by a few large ones,
+which matters most at 3 bits. Q and R are Haar-random orthogonal matrices from a fixed seed, so a
+method run is deterministic.
+
+Shapes: weights W: [N, K] (out, in) of any float dtype; rotations are computed in float64 and
+written back in the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+SEED = 0  # of the random rotations: the same checkpoint for the same model and calibration
+
+
+def random_orthogonal(n: int, seed: int = SEED) -> torch.Tensor:
+    """A Haar-random orthogonal matrix: [n, n] float64 (QR of a Gaussian, signs fixed by R's diagonal)."""
+    generator = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def rotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x Q for x: [..., D] in x's dtype, Q: [D, D] float64."""
+    return (x.double() @ q.to(x.device)).to(x.dtype)
+
+
+def _write(parameter: torch.Tensor, value: torch.Tensor) -> None:
+    parameter.data.copy_(value.to(parameter.dtype))
+
+
+@torch.no_grad()
+def fold_norm_(norm: nn.Module, readers: list[nn.Module]) -> None:
+    """Fold the norm's weight g: [K] into the linears reading its output (W <- W diag(g)); g <- 1."""
+    g = norm.weight.double()
+    for reader in readers:
+        _write(reader.weight, reader.weight.double() * g.unsqueeze(0))
+    norm.weight.data.fill_(1)
+
+
+@torch.no_grad()
+def rotate_inputs_(linear: nn.Module, q: torch.Tensor) -> None:
+    """The linear reads x Q instead of x: W <- W Q."""
+    _write(linear.weight, linear.weight.double() @ q.to(linear.weight.device))
+
+
+@torch.no_grad()
+def rotate_outputs_(linear: nn.Module, q: torch.Tensor) -> None:
+    """The linear writes y Q instead of y: W <- Q^T W, b <- b Q."""
+    q = q.to(linear.weight.device)
+    _write(linear.weight, q.t() @ linear.weight.double())
+    if getattr(linear, "bias", None) is not None:
+        _write(linear.bias, linear.bias.double() @ q)
+
+
+@torch.no_grad()
+def rotate_heads_(values: nn.Module, output: nn.Module, r: torch.Tensor, head_dim: int) -> None:
+    """Rotate every value head's output by R: [d, d] and every output-projection head's input back.
+
+    values: v_proj, weight [H_kv·d, K]; output: o_proj, weight [D, H·d]. With grouped-query
+    attention every query head reads some kv head, and all heads share R, so the pairing holds
+    whatever the mapping."""
+    r = r.to(values.weight.device)
+    v = values.weight.double()
+    heads = v.shape[0] // head_dim
+    _write(values.weight, torch.einsum("de,hdk->hek", r, v.view(heads, head_dim, -1)).reshape(v.shape))
+    if getattr(values, "bias", None) is not None:
+        _write(values.bias, (values.bias.double().view(heads, head_dim) @ r).reshape(-1))
+    o = output.weight.double()
+    _write(output.weight, (o.view(o.shape[0], -1, head_dim) @ r).reshape(o.shape))
+
+
+def rotated_head(head: torch.Tensor, norm_weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The output head after the final norm's weight is folded in and the stream rotated:
+    W_head diag(g) Q, head: [V, D], norm_weight: [D], in head's dtype."""
+    return ((head.double() * norm_weight.double().unsqueeze(0)) @ q.to(head.device)).to(head.dtype)
+
+
+def norm_commutes(norm: nn.Module, x: torch.Tensor, q: torch.Tensor) -> float:
+    """How far `norm` is from commuting with the rotation: the relative difference between
+    norm(x Q^T) and unit(x) Q^T diag(g), unit being the norm with weight 1 (0 for an RMS norm).
+    x: [n, D] on the rotated stream."""
+    unit = copy.deepcopy(norm)
+    unit.weight.data.fill_(1)
+    expected = norm(rotate(x, q.t())).double()
+    got = rotate(unit(x), q.t()).double() * norm.weight.double()
+    return ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
