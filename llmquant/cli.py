@@ -11,7 +11,8 @@ from .errors import first_line
 
 EXIT_BAD_INPUT = 2
 FORMATS = ("llmquant", "compressed-tensors", "gptq")  # llmquant.formats.FORMAT_NAMES, without importing torch
-METHOD_NAMES = ("rtn", "clip", "gptq", "gptq-noclip", "awq", "gptq-awq", "gptaq", "gptq-rot")  # llmquant.methods.METHODS, ditto
+# llmquant.methods.METHODS, ditto
+METHOD_NAMES = ("rtn", "clip", "gptq", "gptq-noclip", "awq", "gptq-awq", "gptaq", "gptq-rot")
 
 
 def _group_size(text: str) -> int:

@@ -29,7 +29,8 @@ itself is never written and a failure midway leaves it as it was; the checkpoint
 reads each block of a weightless (meta) skeleton from the source files and frees it after
 (llmquant/calibrated_checkpoint.py). Only one block's weights and activations are on the
 compute device at a time. Returns {module name: QuantizedWeight} and (for awq scaling and
-rotations) the new values of the float tensors the method changed; the caller commits them: builds QuantLinear layers or writes packed tensors.
+rotations) the new values of the float tensors the method changed; the caller commits them:
+builds QuantLinear layers or writes packed tensors.
 """
 
 from __future__ import annotations
@@ -425,7 +426,8 @@ def _rotate_block(
         head_dim = getattr(module, "head_dim", None)
         if isinstance(values, nn.Linear) and isinstance(output, nn.Linear) and head_dim:
             if values.out_features % head_dim == 0 and output.in_features % head_dim == 0:
-                rotation.rotate_heads_(values, output, rotation.random_orthogonal(head_dim, rotation.SEED + 1), head_dim)
+                r = rotation.random_orthogonal(head_dim, rotation.SEED + 1)
+                rotation.rotate_heads_(values, output, r, head_dim)
     got = _output(block(hidden[:few], **kw))
     drift = ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
     if not drift < ROTATION_TOLERANCE.get(hidden.dtype, 2e-2):
