@@ -366,11 +366,17 @@ def _final_norm(model: nn.Module, prefix: str) -> tuple[str, nn.Module]:
 
 
 def _rotate_outside(
-    model: nn.Module, prefix: str, q: torch.Tensor, hidden: torch.Tensor, changed: dict[str, torch.Tensor]
+    model: nn.Module,
+    prefix: str,
+    q: torch.Tensor,
+    hidden: torch.Tensor,
+    changed: dict[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Record in `changed` the rotated embedding, the unit final norm and the head W diag(g) Q
-    (design: methods/rotation.py). A tied head gets its own tensor. ValueError when the final
-    norm is not an RMS norm (it would not commute with Q). hidden: [S, T, D] first block's input."""
+    (design: methods/rotation.py), in `dtype` (a writer's source dtype; default the model's).
+    A tied head gets its own tensor. ValueError when the final norm is not an RMS norm (it would
+    not commute with Q). hidden: [S, T, D] first block's input."""
     names = {m: n for n, m in model.named_modules()}
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if embed is None or head is None:
@@ -385,9 +391,12 @@ def _rotate_outside(
         )
     tied = head.weight is embed.weight or head.weight.is_meta  # a streamed tied head is never read
     head_weight = embed.weight if tied else head.weight
-    changed[f"{names[embed]}.weight"] = rotation.rotate(embed.weight.detach(), q).cpu()
-    changed[f"{names[head]}.weight"] = rotation.rotated_head(head_weight.detach(), norm.weight.detach(), q).cpu()
-    changed[f"{norm_name}.weight"] = torch.ones_like(norm.weight, device="cpu")
+    rotated = {
+        f"{names[embed]}.weight": rotation.rotate(embed.weight.detach(), q),
+        f"{names[head]}.weight": rotation.rotated_head(head_weight.detach(), norm.weight.detach(), q),
+        f"{norm_name}.weight": torch.ones_like(norm.weight),
+    }
+    changed.update({name: value.to("cpu", dtype or value.dtype) for name, value in rotated.items()})
 
 
 def _rotate_block(
@@ -477,8 +486,8 @@ def quantize_blocks(
     with store.embeddings(model):
         hidden, kwargs = _block_inputs(model, blocks[0], tokens)
         if method.rotation:
-            q = rotation.random_orthogonal(hidden.shape[-1])
-            _rotate_outside(model, prefix, q, hidden, changed)
+            q = rotation.random_orthogonal(hidden.shape[-1], rotation.SEED)
+            _rotate_outside(model, prefix, q, hidden, changed, scale_dtype)
     if q is not None:
         hidden = rotation.rotate(hidden, q)
     hidden_float = hidden if method.float_target else None  # the float model's hidden states
