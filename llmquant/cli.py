@@ -39,8 +39,9 @@ def _add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--method",
         default="rtn",
-        help="how codes are chosen: rtn (default, no data), gptq (best quality: GPTQ + clipping search, "
-        f"calibrated); all: {', '.join(METHOD_NAMES)} (docs/METHODS.md)",
+        help="how codes are chosen: rtn (default, no data), gptq-rot (best quality: rotations folded into the "
+        "weights, then GPTQ + clipping search; calibrated; a tied head is untied), gptq (the same without "
+        f"rotations); all: {', '.join(METHOD_NAMES)} (docs/METHODS.md)",
     )
     parser.add_argument(
         "--skip",

@@ -29,12 +29,13 @@ class QuantConfig(QuantizationConfigMixin):
             or -1 for one group per output row. A last, shorter group is allowed.
         sym: symmetric codes around an implicit zero (no stored zeros) instead of asymmetric.
         method: how codes are chosen (`llmquant.methods.METHODS`): "rtn" (round to nearest,
-            default), "clip", "gptq" (best quality; needs calibration data, see
-            `llmquant.quantize_`), "gptq-noclip", "awq", "gptq-awq", "gptaq", "gptq-rot" (rotations
-            folded into the weights first; a tied head becomes its own float tensor). The stored
+            default), "clip", "gptq" (needs calibration data, see `llmquant.quantize_`),
+            "gptq-noclip", "awq", "gptq-awq", "gptaq", "gptq-rot" (best quality: rotations folded
+            into the weights, then gptq; a tied head becomes its own float tensor). The stored
             form never depends on it, so every method loads with the same kernels.
         modules_to_not_convert: module names (or name suffixes) left in floating point. None
-            means the output head; embeddings are never touched (they are not nn.Linear).
+            means the output head; embeddings are never quantized (they are not nn.Linear; gptq-rot
+            rotates them).
     """
 
     def __init__(

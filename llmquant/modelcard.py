@@ -7,11 +7,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import QuantConfig
+from .methods import get_method
 
 if TYPE_CHECKING:
     from .checkpoint import Summary
 
 FORMAT_TAGS = {"llmquant": ["llmquant"], "gptq": ["gptq"], "compressed-tensors": ["compressed-tensors"]}
+
+
+def _rotation_note(config: QuantConfig) -> str:
+    """What a method with rotations did to the float tensors (empty otherwise)."""
+    if not get_method(config.method).rotation:
+        return ""
+    return (
+        "\nBefore quantization the residual stream and the attention heads were rotated by random orthogonal "
+        "matrices folded into the weights (llmquant `rotation.py`): the model computes the same function, but the "
+        "embedding, norms and output head differ from the base model's; a head tied to the embedding is "
+        "stored on its own (`tie_word_embeddings: false`)."
+    )
 
 
 def _calibration_row(config: QuantConfig) -> str:
@@ -57,7 +70,7 @@ Weight-only quantization of `{base_model}` made with [llmquant](https://pypi.org
 {__version__}, stored in the **{fmt}** format: linear layers hold {config.bits}-bit codes in groups of {group}
 input columns with a scale {"" if config.sym else "and an integer zero point "}per group
 ({"symmetric" if config.sym else "asymmetric"}, method `{config.method}`). Kept in floating point:
-{", ".join(config.modules_to_not_convert or []) or "nothing"} (and the embeddings).
+{", ".join(config.modules_to_not_convert or []) or "nothing"} (and the embeddings).{_rotation_note(config)}
 {table}{_calibration_row(config)}
 ## Load
 

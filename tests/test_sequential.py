@@ -83,6 +83,7 @@ def test_streamed_checkpoint_equals_the_in_memory_path(stories_dir, tokens, tmp_
     assert bool(changed) == (method in ("gptq-awq", "gptq-rot"))
     assert (method == "gptq-rot") == ("lm_head.weight" in written)  # stories260k ties its head
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] == (method != "gptq-rot")
+    assert ("rotated by random orthogonal" in (out / "README.md").read_text()) == (method == "gptq-rot")
 
 
 def test_tensor_reader_reads_by_name_and_names_a_missing_tensor(stories_dir):

@@ -8,12 +8,12 @@ inputs (see `llmquant.calibrate`); calibration-free ones receive None.
 | --- | --- | --- |
 | rtn | no | round to nearest (default) |
 | clip | yes | round to nearest with a per-group range shrink minimising the output error |
-| gptq | yes | GPTQ error feedback, contiguous-group act-order, clipping search per group (best) |
+| gptq | yes | GPTQ error feedback, contiguous-group act-order, clipping search per group |
 | gptq-noclip | yes | GPTQ without the clipping search |
 | awq | yes | activation-aware channel scaling folded into norms and preceding linears, then clip |
 | gptq-awq | yes | activation-aware channel scaling, then gptq |
 | gptaq | yes | gptq toward the float model's layer outputs (closest to float in KL; slower) |
-| gptq-rot | yes | random orthogonal rotations folded into the weights (head untied), then gptq |
+| gptq-rot | yes | random orthogonal rotations folded into the weights (head untied), then gptq (best) |
 
 Adding a method: one new module with a `quantize(weight, hessian, bits, group_size, sym,
 scale_dtype, name)` function and one `Method` line below.
@@ -45,14 +45,14 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("rtn", rtn.quantize, False, "round to nearest"),
         Method("clip", clip.quantize, True, "round to nearest, clipping search on calibration activations"),
-        Method("gptq", gptq.quantize, True, "GPTQ error feedback + clipping search (best quality)"),
+        Method("gptq", gptq.quantize, True, "GPTQ error feedback + clipping search"),
         Method("gptq-noclip", gptq.quantize_noclip, True, "GPTQ error feedback without clipping search"),
         Method("awq", awq.quantize, True, "activation-aware channel scaling, then clip", scaling=True),
         Method("gptq-awq", awq.quantize_gptq, True, "activation-aware channel scaling, then gptq", scaling=True),
         Method(
             "gptaq", gptaq.quantize, True, "gptq toward the float model's layer outputs (slower)", float_target=True
         ),
-        Method("gptq-rot", gptq.quantize, True, "rotations folded into the weights, then gptq", rotation=True),
+        Method("gptq-rot", gptq.quantize, True, "rotations folded into the weights, then gptq (best)", rotation=True),
     )
 }
 
