@@ -41,9 +41,21 @@ def random_orthogonal(n: int, seed: int = SEED) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
 
-def rotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x Q for x: [..., D] in x's dtype, Q: [D, D] float64."""
-    return (x.double() @ q.to(x.device)).to(x.dtype)
+ROWS_PER_CHUNK = 4096  # float64 temporaries stay small for an embedding of any vocabulary
+
+
+def rotate(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(x diag(scale)) Q for x: [..., D], Q: [D, D] float64, scale: [D] or None; in x's dtype,
+    computed in float64 a chunk of rows at a time."""
+    q = q.to(x.device)
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.empty_like(flat)
+    for begin in range(0, flat.shape[0], ROWS_PER_CHUNK):
+        rows = flat[begin : begin + ROWS_PER_CHUNK].double()
+        if scale is not None:
+            rows = rows * scale.double().unsqueeze(0)
+        out[begin : begin + ROWS_PER_CHUNK] = (rows @ q).to(x.dtype)
+    return out.view(x.shape)
 
 
 def _write(parameter: torch.Tensor, value: torch.Tensor) -> None:
@@ -94,7 +106,7 @@ def rotate_heads_(values: nn.Module, output: nn.Module, r: torch.Tensor, head_di
 def rotated_head(head: torch.Tensor, norm_weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """The output head after the final norm's weight is folded in and the stream rotated:
     W_head diag(g) Q, head: [V, D], norm_weight: [D], in head's dtype."""
-    return ((head.double() * norm_weight.double().unsqueeze(0)) @ q.to(head.device)).to(head.dtype)
+    return rotate(head, q, scale=norm_weight)
 
 
 def norm_commutes(norm: nn.Module, x: torch.Tensor, q: torch.Tensor) -> float:
