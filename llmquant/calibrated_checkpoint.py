@@ -99,7 +99,8 @@ def map_large_allocations() -> None:
     Setting the threshold also stops glibc from raising it after large frees, so a block's
     activations (MLP intermediates of 96 MiB on SmolLM2 at 64 x 256 tokens) no longer land on a
     heap that keeps their pages until the next malloc_trim; page faults on every large tensor
-    instead. evals/results/quantize-memory-smollm2.md: gptq peak 1022 MiB, 1078 MiB before."""
+    instead. evals/results/quantize-memory-smollm2.md: gptq peak 1022 MiB (1020 in a later run), 1078
+    MiB before."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
