@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -27,11 +26,11 @@ from llmquant.methods import rotation
 from .cli import load_model, load_tokenizer
 from .data import load_text, make_windows, tokenize
 from .meta import environment
-from .perplexity import score
+from .perplexity import score, summarize
 
 
 def ppl(scored) -> float:
-    return math.exp(sum(scored.nll) / sum(scored.tokens))
+    return summarize(scored)["ppl"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"seed": seed, "ppl": value, "delta_ppl": value - base, "quant_seconds": seconds})
         print(f"seed {seed}: ppl {value:.4f} (+{value - base:.3f}), quantize {seconds:.0f} s", flush=True)
     deltas = [r["delta_ppl"] for r in rows]
+    calib = calibration.describe()
     payload = {
         "model": args.model,
         "config": args.config,
         "dataset": args.dataset,
         "seqlen": args.seqlen,
         "windows": len(windows),
-        "scored_tokens": sum(w.end - w.first_target for w in windows),
-        "calibration": calibration.describe(),
+        "scored_tokens": sum(w.n_scored for w in windows),
+        "calibration": calib,
         "baseline_ppl": base,
         "rows": rows,
         "delta_ppl_mean": statistics.mean(deltas),
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# {args.config}: Δppl per rotation seed",
         "",
         f"{args.dataset}, seqlen {args.seqlen}, {len(windows)} windows, float32 on CPU; baseline ppl {base:.4f} "
-        f"in the same run; calibration {calibration.describe()['nsamples']} x {calibration.describe()['seqlen']} "
+        f"in the same run; calibration {calib['nsamples']} x {calib['seqlen']} "
         "tokens of the default set (seed 0).",
         "",
         "| rotation seed | ppl | Δppl | quantize_ s |",

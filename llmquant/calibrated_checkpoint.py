@@ -29,6 +29,7 @@ from .config import QuantConfig
 from .errors import first_line
 from .methods import get_method
 from .quantize import pack
+from .sequential import decoder_blocks, module_name, quantize_blocks
 from .source import TensorReader, weight_files
 
 
@@ -99,8 +100,7 @@ def map_large_allocations() -> None:
     Setting the threshold also stops glibc from raising it after large frees, so a block's
     activations (MLP intermediates of 96 MiB on SmolLM2 at 64 x 256 tokens) no longer land on a
     heap that keeps their pages until the next malloc_trim; page faults on every large tensor
-    instead. evals/results/quantize-memory-smollm2.md: gptq peak 1022 MiB (1020 in a later run), 1078
-    MiB before."""
+    instead. evals/results/quantize-memory-smollm2.md: gptq peak 1020 MiB, 1078 MiB before."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
@@ -129,10 +129,9 @@ class SourceBlocks:
         tied = set()  # the head's tensors a tied source does not store
         if self.head:
             head = model.get_output_embeddings()
-            head_name = next((n for n, m in model.named_modules() if m is head), None)
+            head_name = module_name(model, head)
             linears.discard(head_name)
-            tied = {n for n in _stored_names(head) if f"{head_name}.{n}" not in self.reader}
-            tied = {f"{head_name}.{n}" for n in tied}
+            tied = {f"{head_name}.{n}" for n in _stored_names(head) if f"{head_name}.{n}" not in self.reader}
         names = [
             name
             for name in _stored_names(model)
@@ -169,8 +168,6 @@ def precompute_packed(
     calibration: default `load_calibration(tokenizer of src)` (the C4 sample).
     """
     from transformers import AutoTokenizer
-
-    from .sequential import decoder_blocks, quantize_blocks
 
     if calibration is None:
         try:

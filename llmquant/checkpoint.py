@@ -94,7 +94,7 @@ def quantize_checkpoint(
         saved_config.calibration = record
         # tensors the source lacks (a rotated model's head, tied to the embedding before): written last
         stored = {spec.name for spec in source_specs}
-        added = {name: value.to(scale_dtype) for name, value in changed.items() if name not in stored}
+        added = {name: value for name, value in changed.items() if name not in stored}
         specs += [TensorSpec(name, value.dtype, tuple(value.shape)) for name, value in added.items()]
 
     summary = Summary(warnings=layout.engine_warnings(saved_config))

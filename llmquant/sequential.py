@@ -73,7 +73,34 @@ def input_hessian(x: torch.Tensor) -> torch.Tensor:
 
 
 FOLD_TOLERANCE = 1e-3  # relative change of the float block output that AWQ folding may cause
-ROTATION_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3}  # else (16-bit weights) 2e-2
+FOLD_TOLERANCE_16BIT = 2e-2  # the same for rotations of 16-bit weights (rounded after rotating)
+
+
+def _rotation_tolerance(dtype: torch.dtype) -> float:
+    return FOLD_TOLERANCE if dtype.itemsize >= 4 else FOLD_TOLERANCE_16BIT
+
+
+def _relative_change(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected||."""
+    return ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str | None:
+    """The qualified name of `module` inside `model` (None if it is not there)."""
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
+def _record_changed(
+    block: nn.Module, block_name: str, touched: list[nn.Module], targets: dict, changed: dict[str, torch.Tensor]
+) -> None:
+    """Copy into `changed` (CPU) every parameter of the `touched` modules of a block, except the
+    weights of quantized linears (those are written packed)."""
+    names = {m: n for n, m in block.named_modules()}
+    for module in dict.fromkeys(touched):
+        name = f"{block_name}.{names[module]}"
+        for key, value in module.named_parameters(recurse=False):
+            if not (key == "weight" and name in targets):
+                changed[f"{name}.{key}"] = value.detach().to("cpu", copy=True)
 
 
 class _Stop(Exception):
@@ -306,7 +333,6 @@ def _scale_block(
         if m not in norms and not isinstance(producers.get(m), tuple)
     ]
     stats = _input_stats(block, [m for m in names if m in norms or isinstance(producers.get(m), tuple)], hidden, kwargs)
-    module_names = {m: n for n, m in block.named_modules()}
     touched = []  # modules whose parameters the folds change
     plans = []  # (fold function, arguments) applied after every search
     done = set()
@@ -334,7 +360,7 @@ def _scale_block(
         fold(*args)
     few = reference.shape[0]
     output = _output(block(hidden[:few], **_rows(kwargs, few, total)))
-    drift = ((output - reference).norm() / reference.norm().clamp(min=1e-30)).item()
+    drift = _relative_change(output, reference)
     if not drift < FOLD_TOLERANCE:  # an architecture the folds misread: undo, scale nothing
         for m in touched:
             for p in m.parameters(recurse=False):
@@ -346,11 +372,7 @@ def _scale_block(
         )
         return list(names.values())
     if changed is not None:
-        for m in dict.fromkeys(touched):
-            name = f"{block_name}.{module_names[m]}"
-            for key, value in m.named_parameters(recurse=False):
-                if not (key == "weight" and name in targets):  # quantized weights are written packed
-                    changed[f"{name}.{key}"] = value.detach().to("cpu", copy=True)
+        _record_changed(block, block_name, touched, targets, changed)
     return skipped
 
 
@@ -377,14 +399,13 @@ def _rotate_outside(
     (design: methods/rotation.py), in `dtype` (a writer's source dtype; default the model's).
     A tied head gets its own tensor. ValueError when the final norm is not an RMS norm (it would
     not commute with Q). hidden: [S, T, D] first block's input."""
-    names = {m: n for n, m in model.named_modules()}
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if embed is None or head is None:
         raise ValueError(f"{type(model).__name__}: rotation needs an input embedding and an output head")
     norm_name, norm = _final_norm(model, prefix)
     sample = rotation.rotate(hidden[:1].reshape(-1, hidden.shape[-1]), q).to(norm.weight.dtype)
     drift = rotation.norm_commutes(norm, sample, q)
-    if not drift < ROTATION_TOLERANCE.get(norm.weight.dtype, 2e-2):
+    if not drift < _rotation_tolerance(norm.weight.dtype):
         raise ValueError(
             f"{norm_name}: rotation needs RMS norms that commute with an orthogonal rotation; this one "
             f"changed its output by {drift:.2e} (relative)"
@@ -392,8 +413,8 @@ def _rotate_outside(
     tied = head.weight is embed.weight or head.weight.is_meta  # a streamed tied head is never read
     head_weight = embed.weight if tied else head.weight
     rotated = {
-        f"{names[embed]}.weight": rotation.rotate(embed.weight.detach(), q),
-        f"{names[head]}.weight": rotation.rotated_head(head_weight.detach(), norm.weight.detach(), q),
+        f"{module_name(model, embed)}.weight": rotation.rotate(embed.weight.detach(), q),
+        f"{module_name(model, head)}.weight": rotation.rotated_head(head_weight.detach(), norm.weight.detach(), q),
         f"{norm_name}.weight": torch.ones_like(norm.weight),
     }
     changed.update({name: value.to("cpu", dtype or value.dtype) for name, value in rotated.items()})
@@ -418,10 +439,11 @@ def _rotate_block(
     expected = rotation.rotate(_output(block(rotation.rotate(hidden[:few], q.t()), **kw)), q)
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     norms = _norm_inputs(block, linears, hidden[:1], _rows(kwargs, 1, total))
-    for norm, readers in {id(norm): (norm, readers) for norm, readers in norms.values()}.values():
-        if norm.weight.numel() == width:  # a norm on the stream (not inside attention)
-            rotation.fold_norm_(norm, readers)
-    touched = [norm for norm, _ in norms.values() if norm.weight.numel() == width]
+    # the norms on the stream (not inside attention), each once with the linears reading it
+    stream_norms = {id(norm): (norm, readers) for norm, readers in norms.values() if norm.weight.numel() == width}
+    for norm, readers in stream_norms.values():
+        rotation.fold_norm_(norm, readers)
+    touched = [norm for norm, _ in stream_norms.values()]
     for linear in linears:
         if linear in norms and linear.in_features == width:
             rotation.rotate_inputs_(linear, q)
@@ -438,18 +460,13 @@ def _rotate_block(
                 r = rotation.random_orthogonal(head_dim, rotation.SEED + 1)
                 rotation.rotate_heads_(values, output, r, head_dim)
     got = _output(block(hidden[:few], **kw))
-    drift = ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
-    if not drift < ROTATION_TOLERANCE.get(hidden.dtype, 2e-2):
+    drift = _relative_change(got, expected)
+    if not drift < _rotation_tolerance(hidden.dtype):
         raise ValueError(
             f"{block_name}: rotation changed the float block output (relative {drift:.2e}); rotation needs "
             "pre-norm blocks with RMS norms whose linears read the normed stream or write to it (Llama-style)"
         )
-    module_names = {m: n for n, m in block.named_modules()}
-    for module in dict.fromkeys(touched):
-        name = f"{block_name}.{module_names[module]}"
-        for key, value in module.named_parameters(recurse=False):
-            if not (key == "weight" and name in targets):  # quantized weights are written packed
-                changed[f"{name}.{key}"] = value.detach().to("cpu", copy=True)
+    _record_changed(block, block_name, touched, targets, changed)
 
 
 @torch.no_grad()
@@ -561,7 +578,7 @@ def _head_to_untie(model: nn.Module, changed: dict[str, torch.Tensor]) -> str | 
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or embed is None or head.weight is not embed.weight:
         return None
-    name = next(n for n, m in model.named_modules() if m is head)
+    name = module_name(model, head)
     return name if f"{name}.weight" in changed else None
 
 
