@@ -26,11 +26,12 @@ from torch import nn
 
 from .calibration import CalibrationSet, load_calibration
 from .config import QuantConfig
+from .conversion import Conversion, ConvertedReader
 from .errors import first_line
 from .methods import get_method
 from .quantize import pack
 from .sequential import decoder_blocks, module_name, quantize_blocks
-from .source import TensorReader, weight_files
+from .source import TensorReader, tensor_specs, weight_files
 
 
 def skeleton(src: Path) -> nn.Module:
@@ -68,7 +69,9 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
 
 
-def materialise(module: nn.Module, names: list[str], reader: TensorReader, prefix: str, device) -> None:
+def materialise(
+    module: nn.Module, names: list[str], reader: TensorReader | ConvertedReader, prefix: str, device
+) -> None:
     """Give `module`'s tensors `names` their values from the source tensors `prefix + name`, on
     `device`, floating-point ones in the skeleton's dtype (as from_pretrained(dtype=...) would)."""
     tensors = reader.read([prefix + name for name in names])
@@ -117,7 +120,7 @@ class SourceBlocks:
     """A `BlockStore` (llmquant.sequential) for a skeleton: each block is read from the source
     files when its turn comes and returned to the meta device (freed) after."""
 
-    def __init__(self, reader: TensorReader, prefix: str, head: bool = False) -> None:
+    def __init__(self, reader: TensorReader | ConvertedReader, prefix: str, head: bool = False) -> None:
         self.reader, self.prefix, self.head = reader, prefix, head
 
     @contextlib.contextmanager
@@ -178,7 +181,11 @@ def precompute_packed(
     map_large_allocations()
     model = skeleton(src)
     prefix, _ = decoder_blocks(model)
-    store = SourceBlocks(TensorReader(weight_files(src)), prefix, head=get_method(config.method).rotation)
+    files = weight_files(src)
+    specs = tensor_specs(files)
+    # the model's tensor names, read as from_pretrained converts them (renames, merged experts)
+    reader = ConvertedReader(TensorReader(files), Conversion(model, [spec.name for spec in specs]), specs)
+    store = SourceBlocks(reader, prefix, head=get_method(config.method).rotation)
     changed: dict[str, torch.Tensor] = {}
     results = quantize_blocks(
         model,
@@ -190,5 +197,6 @@ def precompute_packed(
         store=store,
         keep=lambda q: pack(q, config.bits),  # packed codes: half the bytes of uint8 codes at int4
     )
-    packed = {f"{name}.weight": value for name, value in results.items()}
+    # linears by weight tensor name; experts ({"<experts>.gate_up_proj": [one per expert]}) as they are
+    packed = {name if isinstance(value, list) else f"{name}.weight": value for name, value in results.items()}
     return packed, changed, calibration.describe()

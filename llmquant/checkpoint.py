@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,16 +18,18 @@ import torch
 
 from .calibrated_checkpoint import precompute_packed
 from .config import QuantConfig
+from .conversion import Conversion
 from .errors import CheckpointError
 from .formats import get_format
+from .formats.experts import export_experts
 from .methods import get_method
 from .modelcard import write_model_card
-from .plan import check_shapes, output_specs, quantizable_weights
+from .plan import check_shapes, expert_rows, output_specs, quantizable_weights
 from .progress import progress_bar
 from .publish import check_output, copy_side_files, staged_output
 from .quantize import quantize_weight
 from .shards import ShardedWriter, TensorSpec, parse_size
-from .source import iter_tensors, read_config, resolve_source, tensor_specs, weight_files
+from .source import TensorReader, iter_tensors, read_config, resolve_source, tensor_specs, weight_files
 from .stats import bits_from_bytes
 
 
@@ -56,6 +59,17 @@ def check_finite_copy(name: str, tensor: torch.Tensor) -> None:
         raise CheckpointError(f"tensor {name!r} has {bad} NaN/Inf values; refusing to write a checkpoint with it")
 
 
+def _model_tensors(files: list[Path], conversion: Conversion) -> Iterator[tuple[str, torch.Tensor]]:
+    """(model tensor name, tensor) in the planned order: the stored tensors one at a time, or,
+    when transformers' rules rename or merge some (conversion.py), each group as it is converted
+    (a layer's experts at once)."""
+    if not conversion.renames_anything:
+        yield from iter_tensors(files)
+        return
+    for _, tensors in conversion.iter_converted(TensorReader(files)):
+        yield from tensors.items()
+
+
 def quantize_checkpoint(
     src: str,
     out: str | Path,
@@ -83,13 +97,16 @@ def quantize_checkpoint(
     skeleton = quantizable_weights(source, config)
     targets = skeleton.targets
     saved_config = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": skeleton.skip})
-    source_specs = tensor_specs(files)
+    # the source's tensors under the model's names, as from_pretrained converts them (conversion.py)
+    stored_specs = tensor_specs(files)
+    conversion = Conversion(skeleton.model, [spec.name for spec in stored_specs])
+    source_specs = [spec for _, group_specs in conversion.specs(stored_specs) for spec in group_specs]
     check_shapes(source_specs, skeleton, source / "config.json")
     layout = get_format(fmt)
-    specs = output_specs(source_specs, targets, config, fmt)
+    specs = output_specs(source_specs, targets, config, fmt, skeleton)
     precomputed, changed, added = {}, {}, {}
     if get_method(config.method).calibrated:
-        scale_dtype = next(spec.dtype for spec in source_specs if spec.name in targets)
+        scale_dtype = next(spec.dtype for spec in source_specs if spec.name in targets or spec.name in skeleton.experts)
         precomputed, changed, record = precompute_packed(source, config, scale_dtype, calibration, progress)
         saved_config.calibration = record
         # tensors the source lacks (a rotated model's head, tied to the embedding before): written last
@@ -100,10 +117,27 @@ def quantize_checkpoint(
     summary = Summary(warnings=layout.engine_warnings(saved_config))
     with staged_output(out) as staging:
         writer = ShardedWriter(staging, specs, max_bytes)
-        bar = progress_bar(total=len(targets), enabled=progress, desc="quantizing", unit="layer")
-        for name, tensor in iter_tensors(files):
+        bar = progress_bar(
+            total=len(targets) + len(skeleton.experts), enabled=progress, desc="quantizing", unit="layer"
+        )
+        for name, tensor in _model_tensors(files, conversion):
             summary.bytes_before += tensor.numel() * tensor.element_size()
             summary.params_total += tensor.numel()
+            if name in skeleton.experts:
+                packed_experts = precomputed.pop(name, None) or [
+                    quantize_weight(w, config.bits, config.group_size, config.sym, name=f"{name}[{e}]")
+                    for e, w in enumerate(tensor)
+                ]
+                rows = expert_rows(skeleton, name, fmt)
+                for key, value in export_experts(
+                    layout, name, tensor.shape, rows, packed_experts, saved_config
+                ).items():
+                    writer.write(key, value)
+                    summary.quantized_bytes += value.numel() * value.element_size()
+                summary.params_quantized += tensor.numel()
+                summary.layers.append(name)
+                bar.update(1)
+                continue
             if name not in targets:
                 if tensor.is_floating_point():
                     check_finite_copy(name, tensor)

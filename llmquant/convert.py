@@ -1,4 +1,5 @@
-"""Swap a model's nn.Linear layers for QuantLinear: empty (to load packed weights) or quantized."""
+"""Swap a model's nn.Linear layers for QuantLinear (and Mixture-of-Experts experts modules for
+QuantExperts, llmquant/experts.py): empty (to load packed weights) or quantized."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .experts import PROJECTIONS, quantize_experts
 from .linear import QuantLinear
 from .progress import progress_bar
-from .quantize import check_finite
+from .quantize import check_finite, quantize_weight
 
 
 def default_skip(model: nn.Module) -> list[str]:
@@ -47,11 +49,40 @@ def linear_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.L
     skip = modules_to_skip(model, config)
     # A linear sharing its weight with an embedding (tied head) must stay a float tensor.
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    routers = router_linears(model)
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not is_skipped(name, skip) and id(module.weight) not in embedding_weights
+        if isinstance(module, nn.Linear)
+        and not is_skipped(name, skip)
+        and id(module.weight) not in embedding_weights
+        and module not in routers
     ]
+
+
+def router_linears(model: nn.Module) -> set[nn.Module]:
+    """nn.Linear routers of MoE blocks (direct children of a module holding experts, e.g. Qwen2-MoE's
+    `shared_expert_gate` [1, H]): always kept in float, since they are tiny and a rounding error in
+    them changes which experts run. (transformers 5's top-k routers are not nn.Linear at all.)"""
+    from .experts import is_experts
+
+    found = set()
+    for module in model.modules():
+        if any(is_experts(child) for child in module.children()):
+            found.update(child for child in module.children() if isinstance(child, nn.Linear))
+    return found
+
+
+def expert_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, experts module) pairs the config quantizes (llmquant/experts.py), in model order;
+    ValueError naming one whose layout QuantExperts cannot run."""
+    from .experts import check_layout, is_experts
+
+    skip = modules_to_skip(model, config)
+    found = [(n, m) for n, m in model.named_modules() if is_experts(m) and not is_skipped(n, skip)]
+    for name, module in found:
+        check_layout(name, module)
+    return found
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -63,10 +94,15 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def replace_with_empty_quant_linear(model: nn.Module, config: QuantConfig, dtype: torch.dtype) -> list[str]:
     """Replace each quantizable nn.Linear by an empty QuantLinear on the same device (meta while
     transformers builds the skeleton); returns the names replaced."""
+    from .experts import QuantExperts
+
     replaced = []
     for name, linear in linear_layers(model, config):
         module = QuantLinear.like(linear, config.bits, config.group_size, config.sym, dtype=dtype)
         _set_module(model, name, module)
+        replaced.append(name)
+    for name, experts in expert_layers(model, config):
+        _set_module(model, name, QuantExperts.like(experts, config.bits, config.group_size, config.sym, dtype=dtype))
         replaced.append(name)
     return replaced
 
@@ -82,11 +118,13 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, cali
     """
     check_skip_matches(model, config)
     layers = linear_layers(model, config)
-    for name, linear in layers:  # all or nothing: refuse a bad layer before converting any
-        if not linear.weight.is_floating_point() or linear.weight.is_meta:
-            weight = linear.weight
+    experts = expert_layers(model, config)
+    weights = [(f"{name}.weight", linear.weight) for name, linear in layers]
+    weights += [(f"{name}.{proj}", getattr(module, proj)) for name, module in experts for proj in PROJECTIONS]
+    for name, weight in weights:  # all or nothing: refuse a bad layer before converting any
+        if not weight.is_floating_point() or weight.is_meta:
             raise ValueError(f"layer {name!r} has a {weight.dtype} weight on {weight.device}; cannot quantize it")
-        check_finite(linear.weight, f"{name}.weight")
+        check_finite(weight, name)
     from .methods import get_method
 
     if get_method(config.method).calibrated:
@@ -101,6 +139,12 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, cali
                 linear, config.bits, config.group_size, config.sym, method=config.method, name=f"{name}.weight"
             ),
         )
+    for name, module in experts:
+
+        def rtn(proj: str, expert: int, weight: torch.Tensor, name: str = name) -> dict[str, torch.Tensor]:
+            return quantize_weight(weight, config.bits, config.group_size, config.sym, name=f"{name}.{proj}[{expert}]")
+
+        _set_module(model, name, quantize_experts(module, rtn, config.bits, config.group_size, config.sym))
     return model
 
 

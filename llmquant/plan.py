@@ -10,14 +10,15 @@ shapes can never drift from what loading expects.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .config import QuantConfig
-from .convert import check_skip_matches, linear_layers, modules_to_skip
+from .convert import check_skip_matches, expert_layers, linear_layers, modules_to_skip
 from .errors import CheckpointError
+from .experts import expert_shapes
 from .linear import QuantLinear
 from .shards import TensorSpec
 
@@ -25,12 +26,16 @@ from .shards import TensorSpec
 @dataclass
 class Skeleton:
     """What the meta model says about a checkpoint: {linear weight tensor name: module name}, the
-    resolved modules_to_not_convert, and {tensor name: shape} of the model's state dict."""
+    resolved modules_to_not_convert, {tensor name: shape} of the model's state dict, the meta
+    model itself (for transformers' conversion rules, llmquant/conversion.py) and the experts
+    tensors quantized per expert ({"<experts>.gate_up_proj": (E, N, K)}, llmquant/experts.py)."""
 
     targets: dict[str, str]
     skip: list[str]
     shapes: dict[str, tuple[int, ...]]
     optional: list[str]
+    model: torch.nn.Module | None = None
+    experts: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
@@ -45,6 +50,11 @@ def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
         raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
     try:
         check_skip_matches(model, config)
+        experts = {
+            f"{name}.{proj}": shape
+            for name, module in expert_layers(model, config)
+            for proj, shape in expert_shapes(module).items()
+        }
     except ValueError as error:
         raise CheckpointError(str(error)) from None
     layers = linear_layers(model, config)
@@ -53,7 +63,8 @@ def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
     # model class itself says may be missing.
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     optional = [re.escape(name) for name in tied] + list(model._keys_to_ignore_on_load_missing or [])
-    return Skeleton({f"{name}.weight": name for name, _ in layers}, modules_to_skip(model, config), shapes, optional)
+    targets = {f"{name}.weight": name for name, _ in layers}
+    return Skeleton(targets, modules_to_skip(model, config), shapes, optional, model, experts)
 
 
 def check_shapes(source: list[TensorSpec], skeleton: Skeleton, config_path: Path) -> None:
@@ -67,7 +78,7 @@ def check_shapes(source: list[TensorSpec], skeleton: Skeleton, config_path: Path
                 f"{list(expected)}; config.json and the weights disagree"
             )
     names = {spec.name for spec in source}
-    missing = sorted(set(skeleton.targets) - names)
+    missing = sorted((set(skeleton.targets) | set(skeleton.experts)) - names)
     if missing:
         raise CheckpointError(
             f"{len(missing)} linear weights of the model are not in the checkpoint (first: {missing[0]!r}); "
@@ -93,17 +104,28 @@ def quantized_buffers(spec: TensorSpec, config: QuantConfig) -> list[tuple[str, 
 
 
 def output_specs(
-    source: list[TensorSpec], targets: dict[str, str], config: QuantConfig, fmt: str = "llmquant"
+    source: list[TensorSpec],
+    targets: dict[str, str],
+    config: QuantConfig,
+    fmt: str = "llmquant",
+    skeleton: Skeleton | None = None,
 ) -> list[TensorSpec]:
     """What the quantized checkpoint holds: each target weight becomes the buffers of its
     QuantLinear (qweight, scales in the weight's dtype and, asymmetric, qzeros), or for another
-    `fmt` that format's tensors (llmquant/formats/); every other tensor is copied. A layer the
-    format cannot express is refused here, before anything is written."""
+    `fmt` that format's tensors (llmquant/formats/); each experts tensor of `skeleton` becomes
+    its experts' packed tensors (llmquant/formats/experts.py); every other tensor is copied. A
+    layer the format cannot express is refused here, before anything is written."""
     from .formats import get_format
+    from .formats.experts import expert_specs
 
     layout = get_format(fmt)
+    experts = skeleton.experts if skeleton is not None else {}
     specs = []
     for spec in source:
+        if spec.name in experts:
+            rows = expert_rows(skeleton, spec.name, fmt)
+            specs += expert_specs(layout, spec.name, spec.shape, rows, spec.dtype, config)
+            continue
         if spec.name not in targets:
             specs.append(spec)
             continue
@@ -117,3 +139,13 @@ def output_specs(
         layout.check_layer(module, *spec.shape, config)
         specs += layout.layer_specs(module, *spec.shape, spec.dtype, config)
     return specs
+
+
+def expert_rows(skeleton: Skeleton, name: str, fmt: str) -> list | None:
+    """The per-expert checkpoint tensors an export in `fmt` writes for the experts tensor `name`
+    (None for llmquant's stacked layout), as transformers' reverse conversion names them."""
+    from .conversion import per_expert_rows
+
+    if fmt == "llmquant":
+        return None
+    return per_expert_rows(skeleton.model, name, skeleton.experts[name])

@@ -47,7 +47,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .convert import linear_layers
+from .convert import expert_layers, linear_layers
+from .experts import PROJECTIONS, calibrate_experts
 from .methods import awq, get_method, gptaq, rotation
 from .methods.grid import dequantize
 from .quantize import QuantizedWeight
@@ -483,7 +484,8 @@ def quantize_blocks(
 ) -> dict[str, QuantizedWeight]:
     """Quantize every selected linear of `model` with config.method on calibration tokens [S, T].
 
-    Returns {module name: QuantizedWeight} with scales in scale_dtype (default: each weight's
+    Returns {module name: QuantizedWeight} (for an experts module, {"<module>.<projection>": one
+    per expert}, llmquant/experts.py) with scales in scale_dtype (default: each weight's
     dtype; a checkpoint writer passes the source dtype), each passed through `keep` when given
     (e.g. packing, to hold less). Methods with channel scaling (awq) change norm weights:
     `changed` receives {parameter name: new value (CPU)}. store: where the blocks' weights come
@@ -492,8 +494,14 @@ def quantize_blocks(
     method = get_method(config.method)
     device = device or compute_device()
     targets = dict(linear_layers(model, config))
+    experts = dict(expert_layers(model, config))
+    if experts and (method.rotation or method.scaling or method.float_target):
+        raise ValueError(
+            f"method {config.method!r} does not quantize Mixture-of-Experts layers ({next(iter(experts))}); "
+            "use gptq, gptq-noclip, clip or rtn"
+        )
     prefix, blocks = decoder_blocks(model)
-    outside = [n for n in targets if not n.startswith(prefix + ".")]
+    outside = [n for n in [*targets, *experts] if not n.startswith(prefix + ".")]
     if outside:
         raise ValueError(f"{outside[0]!r} is outside the decoder blocks; calibrated methods quantize blocks only")
     store = store or ResidentBlocks()
@@ -553,12 +561,41 @@ def quantize_blocks(
             # later linears of the block see this one's quantized output
             weight.data.copy_(dequantize(q, config.bits, config.group_size).to(weight.dtype))
 
-        hidden = _run_hooked(block, names, hook, hidden, kw)
+        block_experts = {m: n for n, m in block.named_modules() if f"{prefix}.{index}.{n}" in experts}
+
+        def experts_hook(module, args, kwargs, index=index, block_experts=block_experts):
+            full = f"{prefix}.{index}.{block_experts[module]}"
+            x = args[0] if args else kwargs["hidden_states"]
+            found: dict[str, list] = {f"{full}.{proj}": [] for proj in PROJECTIONS}
+
+            def quantize(proj: str, expert: int, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+                name = f"{full}.{proj}"
+                q = method.quantize(
+                    weight,
+                    h,
+                    config.bits,
+                    config.group_size,
+                    config.sym,
+                    scale_dtype or module.gate_up_proj.dtype,
+                    f"{name}[{expert}]",
+                )
+                found[name].append(q if keep is None else keep(q))
+                return dequantize(q, config.bits, config.group_size)
+
+            calibrate_experts(module, x, input_hessian, quantize)
+            results.update(found)
+
+        handles = [m.register_forward_pre_hook(experts_hook, with_kwargs=True) for m in block_experts]
+        try:
+            hidden = _run_hooked(block, names, hook, hidden, kw)
+        finally:
+            for handle in handles:
+                handle.remove()
         error = ((hidden[:few] - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30)).item()
         store.release(index, live, block)
         bar.set_postfix_str(f"block {index} rel. output error {error:.2e}")
         bar.update(1)
-        del reference, cache, block, names, hook, float_inputs  # free this block before the next
+        del reference, cache, block, names, hook, float_inputs, block_experts, experts_hook  # free this block
     bar.close()
     if unscaled:
         listed = ", ".join(f"{name} ({count} of {len(blocks)} blocks)" for name, count in sorted(unscaled.items()))
@@ -568,6 +605,7 @@ def quantize_blocks(
             stacklevel=3,
         )
     missing = sorted(set(targets) - set(results))
+    missing += sorted(f"{n}.{p}" for n in experts for p in PROJECTIONS if f"{n}.{p}" not in results)
     if missing:
         raise ValueError(f"{missing[0]!r} was never called during calibration; cannot quantize it")
     return results
@@ -608,6 +646,7 @@ def quantize_calibrated_(model: nn.Module, config: QuantConfig, calibration, pro
     model.config.quantization_config so that save_pretrained writes a loadable folder.
     """
     from .convert import _set_module, modules_to_skip
+    from .experts import QuantExperts
     from .linear import QuantLinear
     from .quantize import pack
 
@@ -624,6 +663,12 @@ def quantize_calibrated_(model: nn.Module, config: QuantConfig, calibration, pro
         name: QuantLinear.from_packed(linear, pack(results[name], bits), bits, group_size, sym)
         for name, linear in linear_layers(model, config)
     }
+    for name, experts in expert_layers(model, config):
+        module = QuantExperts.like(experts, bits, group_size, sym)
+        for proj in PROJECTIONS:
+            for expert, quantized in enumerate(results[f"{name}.{proj}"]):
+                module.load_packed(proj, expert, pack(quantized, bits))
+        modules[name] = module
     targets = []  # (tensor to overwrite, new value): a swapped linear's tensor is its QuantLinear's
     untie = _head_to_untie(model, changed)
     for key, value in changed.items():

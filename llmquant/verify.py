@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import QUANT_METHOD, QuantConfig
+from .experts import QuantExperts
 from .linear import QuantLinear
 from .shards import DTYPES
 
@@ -56,16 +57,21 @@ def check_checkpoint(model: nn.Module, config: QuantConfig, files: Iterable[str 
         by_module.setdefault(module, set()).add(leaf)
     modules = dict(model.named_modules())
     for name, leaves in by_module.items():  # a layer stored quantized must be loaded quantized
-        if "qweight" in leaves and name in modules and not isinstance(modules[name], QuantLinear):
+        stored_quantized = any(leaf == "qweight" or leaf.endswith("_qweight") for leaf in leaves)
+        if stored_quantized and name in modules and not isinstance(modules[name], QuantLinear | QuantExperts):
             raise QuantizedCheckpointError(
                 f"llmquant: module {name!r} is stored quantized (qweight) but quantization_config "
                 f"({_describe(config)}, modules_to_not_convert={config.modules_to_not_convert}) keeps it in "
                 "floating point; config.json and the weights disagree, refusing to load"
             )
     for name, module in modules.items():
-        if not isinstance(module, QuantLinear):
+        if not isinstance(module, QuantLinear | QuantExperts):
             continue
-        expected = {key: tensor for key, tensor in (*module.named_buffers(), *module.named_parameters())}
+        expected = {
+            key: tensor
+            for key, tensor in (*module.named_buffers(recurse=False), *module.named_parameters(recurse=False))
+            if key in module.state_dict()  # persistent only (not the CPU kernel's copies)
+        }
         held = by_module.get(name, set())
         problem = None
         if held - expected.keys() or expected.keys() - held:
@@ -78,7 +84,7 @@ def check_checkpoint(model: nn.Module, config: QuantConfig, files: Iterable[str 
         else:
             for key, tensor in expected.items():
                 dtype, shape = found[f"{name}.{key}"]
-                float_ok = key in ("scales", "bias") and dtype is not None and dtype.is_floating_point
+                float_ok = key.endswith(("scales", "bias")) and dtype is not None and dtype.is_floating_point
                 if shape != tuple(tensor.shape) or not (float_ok or dtype == tensor.dtype):
                     problem = f"{key} is {dtype} {list(shape)}, expected {tensor.dtype} {list(tensor.shape)}"
                     break
@@ -93,6 +99,8 @@ def check_loaded(model: nn.Module, config: QuantConfig) -> None:
     """After loading: every QuantLinear carries the config's bits/group size/sym and buffers of
     the shapes they imply, none left on the meta device."""
     for name, module in model.named_modules():
+        if isinstance(module, QuantExperts):
+            _check_loaded_experts(name, module, config)
         if not isinstance(module, QuantLinear):
             continue
         reference = QuantLinear(
@@ -115,6 +123,19 @@ def check_loaded(model: nn.Module, config: QuantConfig) -> None:
             raise QuantizedCheckpointError(
                 f"llmquant: module {name!r} was not loaded as quantization_config says ({_describe(config)})"
             )
+
+
+def _check_loaded_experts(name: str, module: QuantExperts, config: QuantConfig) -> None:
+    reference = QuantExperts(module.shapes, config.bits, config.group_size, config.sym, nn.Identity(), device="meta")
+    same = (module.bits, module.group_size, module.sym) == (config.bits, config.group_size, config.sym)
+    for key, tensor in reference.named_buffers():
+        actual = getattr(module, key, None)
+        if actual is None or actual.is_meta or tuple(actual.shape) != tuple(tensor.shape):
+            same = False
+    if not same:
+        raise QuantizedCheckpointError(
+            f"llmquant: experts {name!r} were not loaded as quantization_config says ({_describe(config)})"
+        )
 
 
 def looks_like_llmquant(quantization_config: Any) -> bool:
