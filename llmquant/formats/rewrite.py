@@ -22,12 +22,15 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..config import QuantConfig
+from ..conversion import per_expert_rows
 from ..errors import CheckpointError
+from ..experts import PROJECTIONS, is_experts
 from ..modelcard import write_model_card
 from ..publish import check_output, copy_side_files, staged_output
 from ..shards import ShardedWriter, TensorSpec, parse_size
 from ..source import resolve_source, tensor_specs, weight_files
 from . import FormatError, detect_format, get_format
+from .experts import expert_specs, export_experts, import_experts, source_names
 
 SCALE_MEMBER = {"llmquant": "scales", "gptq": "scales", "compressed-tensors": "weight_scale"}
 MARKER = {"llmquant": "qweight", "gptq": "qweight", "compressed-tensors": "weight_packed"}
@@ -70,9 +73,8 @@ def read_quantized_config(src: Path) -> dict:
     return config
 
 
-def linear_shapes(src: Path) -> dict[str, tuple[int, int, bool]]:
-    """{module name: (out_features N, in_features K, has bias)} of every nn.Linear of the model
-    described by src/config.json, from a meta skeleton (no weights read)."""
+def meta_model(src: Path) -> torch.nn.Module:
+    """The float architecture described by src/config.json as a meta skeleton (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -80,9 +82,15 @@ def linear_shapes(src: Path) -> dict[str, tuple[int, int, bool]]:
         if hasattr(model_config, "quantization_config"):
             del model_config.quantization_config  # the skeleton is the float architecture
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config)
+            return AutoModelForCausalLM.from_config(model_config)
     except Exception as error:
         raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
+
+
+def linear_shapes(src: Path, model: torch.nn.Module | None = None) -> dict[str, tuple[int, int, bool]]:
+    """{module name: (out_features N, in_features K, has bias)} of every nn.Linear of the model
+    described by src/config.json, from a meta skeleton (no weights read)."""
+    model = model if model is not None else meta_model(src)
     return {
         name: (module.out_features, module.in_features, module.bias is not None)
         for name, module in model.named_modules()
@@ -164,6 +172,35 @@ def plan(
     return out, steps
 
 
+def expert_names_of(model: torch.nn.Module) -> list[str]:
+    """The experts tensors ("<experts>.gate_up_proj", ...) of the model (llmquant/experts.py)."""
+    return [f"{n}.{p}" for n, m in model.named_modules() if is_experts(m) for p in PROJECTIONS]
+
+
+def _rows(model: torch.nn.Module, fmt: ModuleType, name: str, shape: tuple[int, int, int]) -> list | None:
+    """Per-expert checkpoint tensors of `name` in `fmt` (None: llmquant stacks them)."""
+    return None if fmt.NAME == "llmquant" else per_expert_rows(model, name, shape)
+
+
+def _stored_experts(
+    model: torch.nn.Module, source: ModuleType, specs: list[TensorSpec], config: QuantConfig
+) -> tuple[dict[str, tuple[tuple[int, int, int], list | None]], set[str]]:
+    """({experts tensor: (shape [E, N, K], its per-expert source tensors)} of the experts stored
+    quantized in the source, and the names of all their source tensors)."""
+    present = {spec.name for spec in specs}
+    modules = dict(model.named_modules())
+    found, names = {}, set()
+    for name in expert_names_of(model):
+        owner, _, proj = name.rpartition(".")
+        shape = tuple(getattr(modules[owner], proj).shape)
+        rows = _rows(model, source, name, shape)
+        members = [n for n in source_names(source, name, rows, config) if n in present]
+        if members:
+            found[name] = (shape, rows)
+            names.update(members)
+    return found, names
+
+
 def convert_checkpoint(
     src: str,
     out: str | Path,
@@ -185,16 +222,29 @@ def convert_checkpoint(
     files = weight_files(source_dir)
     where = tensor_files(files)
     specs = tensor_specs(files)
-    shapes = linear_shapes(source_dir)
-    layers = find_layers(specs, source, shapes)
+    model = meta_model(source_dir)
+    shapes = linear_shapes(source_dir, model)
     parsed = source.parse_config(source_qc)
+    experts, expert_names = _stored_experts(model, source, specs, parsed)
+    specs = [spec for spec in specs if spec.name not in expert_names]  # converted by `_convert_experts`
+    layers = find_layers(specs, source, shapes)
     kept = sorted(name for name in shapes if name not in layers)
+    kept += sorted(
+        {name.rpartition(".")[0] for name in expert_names_of(model)} - {n.rpartition(".")[0] for n in experts}
+    )
     method = source_qc.get("method") or (source_qc.get("meta") or {}).get("method") or "rtn"
     config = QuantConfig(
         bits=parsed.bits, group_size=parsed.group_size, sym=parsed.sym, method=method, modules_to_not_convert=kept
     )
     output_specs, steps = plan(specs, layers, source, target, config)
-    summary = ConvertSummary(source.NAME, target.NAME, len(layers), warnings=target.engine_warnings(config))
+    by_name = {spec.name: spec for spec in tensor_specs(files)}
+    for name, (shape, source_rows) in experts.items():  # after the other tensors: order does not matter to loaders
+        scale = next(by_name[n] for n in source_names(source, name, source_rows, config) if "scale" in n)
+        output_specs += expert_specs(target, name, shape, _rows(model, target, name, shape), scale.dtype, config)
+        steps.append(("experts", name))
+    summary = ConvertSummary(
+        source.NAME, target.NAME, len(layers) + len(experts), warnings=target.engine_warnings(config)
+    )
 
     with staged_output(out) as staging:
         writer = ShardedWriter(staging, output_specs, max_bytes)
@@ -202,6 +252,18 @@ def convert_checkpoint(
         for kind, item in steps:
             if kind == "copy":
                 writer.write(item, read_tensor(where, item))
+                continue
+            if kind == "experts":
+                shape, source_rows = experts[item]
+
+                def read(name: str) -> torch.Tensor | None:
+                    return read_tensor(where, name) if name in where else None
+
+                packed = import_experts(source, item, shape, source_rows, read, config, source_qc)
+                target_rows = _rows(model, target, item, shape)
+                for key, tensor in export_experts(target, item, shape, target_rows, packed, config).items():
+                    writer.write(key, tensor)
+                bar.update(1)
                 continue
             layer: Layer = item
             tensors = {m: read_tensor(where, name) for m, name in layer.members.items() if m != "bias"}

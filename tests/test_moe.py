@@ -1,0 +1,243 @@
+"""Mixture-of-Experts models and checkpoints that transformers 5 loads through conversion rules.
+
+Tiny random models built from transformers' own config classes and written by its own
+`save_pretrained` (per-expert keys, Mixtral's `block_sparse_moe`, GPT-NeoX's `embed_out`), then
+quantized through the CLI and compared with the in-memory `quantize_` of the same model.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPTNeoXConfig,
+    MixtralConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+import llmquant
+from llmquant import QuantConfig
+from llmquant.cli import main
+from llmquant.conversion import Conversion, ConvertedReader, per_expert_rows
+from llmquant.experts import QuantExperts, calibrate_experts
+from llmquant.linear import QuantLinear
+from llmquant.methods import get_method
+from llmquant.methods.grid import dequantize
+from llmquant.sequential import input_hessian
+from llmquant.source import TensorReader, tensor_specs, weight_files
+
+from .conftest import SHARED_DATA, STORIES
+
+CALIB = SHARED_DATA / "c4-calibration-sample.txt"
+EXPERTS, LAYERS, HIDDEN = 4, 2, 128  # hidden 128: group sizes 32 and 128 both divide every K
+COMMON = dict(vocab_size=512, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4)
+COMMON |= dict(num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+FAMILIES = {
+    "mixtral": lambda: MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=EXPERTS, num_experts_per_tok=2),
+    "qwen3_moe": lambda: Qwen3MoeConfig(
+        **COMMON,
+        head_dim=32,
+        intermediate_size=64,
+        moe_intermediate_size=64,
+        num_experts=EXPERTS,
+        num_experts_per_tok=2,
+    ),
+    # shared expert + its sigmoid gate (an nn.Linear router kept in float)
+    "qwen2_moe": lambda: Qwen2MoeConfig(
+        **COMMON,
+        intermediate_size=64,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        num_experts=EXPERTS,
+        num_experts_per_tok=2,
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        vocab_size=512, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=256
+    ),
+}
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    """{family: save_pretrained folder} of tiny float32 models, with stories260k's tokenizer."""
+    folders = {}
+    for family, make in FAMILIES.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(make())
+        folder = tmp_path_factory.mktemp(family) / "float"
+        model.save_pretrained(folder)
+        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+            shutil.copy(STORIES / name, folder / name)
+        folders[family] = folder
+    return folders
+
+
+def stored_names(folder: Path) -> list[str]:
+    names = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            names += list(handle.keys())
+    return names
+
+
+def in_memory(folder: Path, config: QuantConfig):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    calibration = None
+    if config.method != "rtn":
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        calibration = llmquant.load_calibration(tokenizer, CALIB, 4, 32, 0)
+    return llmquant.quantize_(model, config, progress=False, calibration=calibration)
+
+
+def logits(model) -> torch.Tensor:
+    tokens = torch.arange(2 * 24).reshape(2, 24) * 7 % 512
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def cli_quantize(src: Path, out: Path, config: QuantConfig, *extra) -> int:
+    args = ["quantize", src, "-o", out, "--bits", config.bits, "--group-size", config.group_size, "--quiet"]
+    args += ["--method", config.method, "--calib", CALIB, "--nsamples", 4, "--calib-seqlen", 32, *extra]
+    return run_cli(*args, *(["--sym"] if config.sym else []))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_neox"])
+def test_conversion_reads_what_from_pretrained_loads(saved, family):
+    """Every model tensor read through transformers' rules equals what from_pretrained loads, and
+    the per-expert names of the way back are exactly the keys save_pretrained wrote."""
+    folder = saved[family]
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    files = weight_files(folder)
+    specs = tensor_specs(files)
+    conversion = Conversion(loaded, [spec.name for spec in specs])
+    assert conversion.renames_anything
+    reader = ConvertedReader(TensorReader(files), conversion, specs)
+    expected = loaded.state_dict()
+    assert reader.names == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(reader.read([name])[name], tensor), name
+    merged = [name for name, t in expected.items() if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(merged) == (0 if family == "gpt_neox" else 2 * LAYERS)
+    per_expert = {r.name for name in merged for r in per_expert_rows(loaded, name, tuple(expected[name].shape))}
+    assert per_expert == {n for n in stored_names(folder) if ".experts." in n}
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "group_size"),
+    [
+        ("mixtral", "rtn", 128),
+        ("mixtral", "gptq", 32),
+        ("qwen3_moe", "rtn", 32),
+        ("qwen3_moe", "gptq", 128),
+        ("qwen2_moe", "rtn", 32),
+        ("qwen2_moe", "gptq", 128),
+    ],
+)
+def test_moe_cli_loads_and_equals_quantize_(saved, tmp_path, family, method, group_size):
+    config = QuantConfig(bits=4, group_size=group_size, method=method)
+    out = tmp_path / "q"
+    assert cli_quantize(saved[family], out, config) == 0
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    reference = in_memory(saved[family], config)
+    float_model = AutoModelForCausalLM.from_pretrained(saved[family], dtype=torch.float32)
+    experts = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantExperts)}
+    assert len(experts) == LAYERS  # every MoE block's experts, each matrix of each expert:
+    for name, module in experts.items():
+        floats = float_model.get_submodule(name)
+        for proj in ("gate_up_proj", "down_proj"):
+            weight = getattr(floats, proj).detach()
+            got = module.dequantize(proj, torch.float32)
+            assert got.shape == weight.shape
+            for expert in range(EXPERTS):  # each expert's own matrix (not another expert's), int4-close
+                error = (got[expert] - weight[expert]).norm() / weight[expert].norm()
+                others = min((got[expert] - weight[e]).norm() / weight[e].norm() for e in range(EXPERTS) if e != expert)
+                assert error < 0.2 < others, (name, proj, expert, error, others)
+    stored = stored_names(out)
+    assert sum(n.endswith("_qweight") for n in stored) == 2 * LAYERS
+    assert all(f"model.layers.{i}.mlp.gate.weight" in stored for i in range(LAYERS))  # routers stay float
+    if family == "qwen2_moe":
+        block = loaded.model.layers[0].mlp
+        assert isinstance(block.shared_expert.gate_proj, QuantLinear)
+        assert isinstance(block.shared_expert_gate, torch.nn.Linear)
+    assert torch.equal(logits(loaded), logits(reference))
+    if method == "rtn":  # quantize-on-load gives the same model too
+        on_load = AutoModelForCausalLM.from_pretrained(saved[family], dtype=torch.float32, quantization_config=config)
+        assert torch.equal(logits(on_load), logits(reference))
+
+
+@pytest.mark.parametrize(("family", "fmt"), [("mixtral", "gptq"), ("qwen2_moe", "compressed-tensors")])
+def test_moe_exports_use_per_expert_names_and_read_back_bit_exactly(saved, tmp_path, family, fmt):
+    config = QuantConfig(bits=4, group_size=32, sym=True, method="gptq")
+    native, export, back = tmp_path / "native", tmp_path / "export", tmp_path / "back"
+    assert cli_quantize(saved[family], native, config) == 0
+    assert cli_quantize(saved[family], export, config, "--format", fmt) == 0
+
+    # the names save_pretrained writes for the float experts, which vLLM's fused-MoE loaders read
+    float_stems = {n.removesuffix(".weight") for n in stored_names(saved[family]) if ".experts." in n}
+    member = "qweight" if fmt == "gptq" else "weight_packed"
+    exported = stored_names(export)
+    assert {n.rpartition(".")[0] for n in exported if ".experts." in n and n.endswith(member)} == float_stems
+    assert not any("_qweight" in n for n in exported)
+
+    native_model = AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32)
+    read_back = llmquant.load(export, dtype=torch.float32)
+    assert torch.equal(logits(read_back), logits(native_model))
+    assert run_cli("convert", export, "-o", back, "--format", "llmquant", "--quiet") == 0
+    expected = {n: t for n, t in native_model.state_dict().items() if "experts" in n}
+    converted = AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32).state_dict()
+    assert expected and all(torch.equal(converted[n], t) for n, t in expected.items())
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_gpt_neox_head_renamed_by_transformers_rules(saved, tmp_path, method):
+    """Pythia-style checkpoints store the head as embed_out; the model calls it lm_head."""
+    config = QuantConfig(bits=4, group_size=32, method=method)
+    out = tmp_path / "q"
+    assert cli_quantize(saved["gpt_neox"], out, config) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    quantized = [n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 4 * LAYERS and "lm_head.weight" in stored_names(out)
+    assert torch.equal(logits(loaded), logits(in_memory(saved["gpt_neox"], config)))
+
+
+def test_methods_that_cannot_handle_experts_are_refused_before_work(saved, tmp_path, capsys):
+    code = cli_quantize(saved["mixtral"], tmp_path / "q", QuantConfig(method="gptq-rot"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "model.layers.0.mlp.experts" in err and not (tmp_path / "q").exists()
+
+
+@torch.no_grad()
+def test_every_expert_is_calibrated_on_all_tokens():
+    """An expert that no token is routed to gets the same statistics as any other: each expert's
+    gate_up is GPTQ on H(all tokens), its down_proj GPTQ on H(act(gate) * up of all tokens)."""
+    torch.manual_seed(0)
+    config = MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=EXPERTS)
+    experts = AutoModelForCausalLM.from_config(config).model.layers[0].mlp.experts.float()
+    floats = {p: getattr(experts, p).detach().clone() for p in ("gate_up_proj", "down_proj")}
+    x = torch.randn(64, HIDDEN)
+    method = get_method("gptq")
+    seen = []
+
+    def quantize(proj, expert, weight, h):
+        seen.append((proj, expert))
+        return dequantize(method.quantize(weight, h, 4, 32, False, torch.float32, proj), 4, 32)
+
+    calibrate_experts(experts, x, input_hessian, quantize)
+    assert seen == [(p, e) for e in range(EXPERTS) for p in ("gate_up_proj", "down_proj")]
+    for expert in range(EXPERTS):
+        gate_up = quantize("gate_up_proj", expert, floats["gate_up_proj"][expert], input_hessian(x))
+        assert torch.equal(experts.gate_up_proj[expert], gate_up)
+        gate, up = (x @ gate_up.t()).chunk(2, dim=-1)
+        inner = experts.act_fn(gate) * up
+        down = quantize("down_proj", expert, floats["down_proj"][expert], input_hessian(inner))
+        assert torch.equal(experts.down_proj[expert], down)
