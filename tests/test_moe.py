@@ -241,3 +241,33 @@ def test_every_expert_is_calibrated_on_all_tokens():
         inner = experts.act_fn(gate) * up
         down = quantize("down_proj", expert, floats["down_proj"][expert], input_hessian(inner))
         assert torch.equal(experts.down_proj[expert], down)
+
+
+@torch.no_grad()
+def test_quant_experts_forward_matches_float_math_on_every_kernel_path(monkeypatch):
+    """The routed forward equals the float experts' own forward run on the dequantized weights
+    (the torch path on CPU, float64), and the Triton path (interpreter on CPU, per expert) agrees."""
+    torch.manual_seed(0)
+    config = MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=EXPERTS)
+    floats = AutoModelForCausalLM.from_config(config).model.layers[0].mlp.experts.float()
+    quantized = QuantExperts.like(floats, 4, 32, False)
+    for proj in ("gate_up_proj", "down_proj"):
+        for expert in range(EXPERTS):
+            weight = getattr(floats, proj)[expert]
+            quantized.load_packed(proj, expert, llmquant.quantize.quantize_weight(weight, 4, 32, False))
+    x = torch.randn(6, HIDDEN)
+    top_k = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 0], [1, 1]])  # experts 2, 3 never routed
+    weights = torch.rand(6, 2)
+    reference = floats.double()
+    reference.config._experts_implementation = "eager"  # transformers' own loop (grouped_mm has no float64)
+    for proj in ("gate_up_proj", "down_proj"):
+        getattr(reference, proj).data.copy_(quantized.dequantize(proj, torch.float64))
+    expected = reference(x.double(), top_k, weights.double())
+    torch.testing.assert_close(quantized.double()(x.double(), top_k, weights.double()), expected)
+    quantized.float()
+    torch.testing.assert_close(quantized(x, top_k, weights).double(), expected, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("LLMQUANT_KERNEL", "triton")
+    monkeypatch.setenv("LLMQUANT_AUTOTUNE", "0")
+    torch.testing.assert_close(
+        quantized.half()(x.half(), top_k, weights.half()).double(), expected, rtol=2e-2, atol=2e-2
+    )
