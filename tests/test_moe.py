@@ -271,3 +271,10 @@ def test_quant_experts_forward_matches_float_math_on_every_kernel_path(monkeypat
     torch.testing.assert_close(
         quantized.half()(x.half(), top_k, weights.half()).double(), expected, rtol=2e-2, atol=2e-2
     )
+
+
+def test_skipped_experts_stay_float(saved):
+    model = in_memory(saved["qwen2_moe"], QuantConfig(group_size=32, modules_to_not_convert=["lm_head", "experts"]))
+    assert not any(isinstance(m, QuantExperts) for m in model.modules())
+    assert isinstance(model.model.layers[0].mlp.shared_expert.up_proj, QuantLinear)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
