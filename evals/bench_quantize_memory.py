@@ -60,7 +60,9 @@ def block_and_activation_bytes(model: Path, nsamples: int, seqlen: int) -> dict:
         skeleton = AutoModelForCausalLM.from_config(config)
     _, blocks = decoder_blocks(skeleton)
     block = sum(p.numel() for p in blocks[0].parameters()) * 4
-    return {"block_fp32_bytes": block, "hidden_states_fp32_bytes": nsamples * seqlen * config.hidden_size * 4}
+    model_bytes = sum(p.numel() for p in skeleton.parameters()) * 4
+    hidden = nsamples * seqlen * config.hidden_size * 4
+    return {"block_fp32_bytes": block, "hidden_states_fp32_bytes": hidden, "model_fp32_bytes": model_bytes}
 
 
 def markdown(payload: dict, before: dict | None) -> str:
@@ -86,7 +88,12 @@ def markdown(payload: dict, before: dict | None) -> str:
         "",
         f"One decoder block, float32: {est['block_fp32_bytes'] / MIB:.1f} MiB; one copy of the calibration hidden "
         f"states [{payload['nsamples']}, {payload['seqlen']}, hidden] float32: "
-        f"{est['hidden_states_fp32_bytes'] / MIB:.1f} MiB.",
+        f"{est['hidden_states_fp32_bytes'] / MIB:.1f} MiB"
+        + (
+            f"; the whole model, float32: {est['model_fp32_bytes'] / MIB:.1f} MiB."
+            if "model_fp32_bytes" in est
+            else "."
+        ),
         "",
         f"commit {payload['environment'].get('git_commit')}, {payload['environment'].get('date')}, "
         f"{payload['environment'].get('device')}",

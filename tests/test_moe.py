@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
@@ -32,6 +33,8 @@ from llmquant.sequential import input_hessian
 from llmquant.source import TensorReader, tensor_specs, weight_files
 
 from .conftest import SHARED_DATA, STORIES
+from .gptq_reader import dequantize_gptq
+from .test_formats import _ct_scheme as ct_scheme
 
 CALIB = SHARED_DATA / "c4-calibration-sample.txt"
 EXPERTS, LAYERS, HIDDEN = 4, 2, 128  # hidden 128: group sizes 32 and 128 both divide every K
@@ -190,6 +193,25 @@ def test_moe_exports_use_per_expert_names_and_read_back_bit_exactly(saved, tmp_p
     assert not any("_qweight" in n for n in exported)
 
     native_model = AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32)
+    # each per-expert tensor, decoded by a reader sharing no code with llmquant, is its rows of the
+    # expert's matrix (w1/gate_proj: gate rows, w3/up_proj: up rows, w2/down_proj: down_proj)
+    rows = {"w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1)}
+    rows |= {"up_proj": ("gate_up_proj", 1), "w2": ("down_proj", 0), "down_proj": ("down_proj", 0)}
+    files = {n: path for path in export.glob("*.safetensors") for n in stored_names(path.parent)}
+    for stem in sorted(float_stems):
+        layer, _, rest = stem.partition(".experts.")
+        expert, _, leaf = rest.partition(".")
+        proj, half = rows[leaf]
+        with safe_open(str(files[f"{stem}.{member}"]), framework="pt") as handle:
+            tensors = {n.rpartition(".")[2]: handle.get_tensor(n) for n in handle.keys() if n.startswith(stem + ".")}
+        if fmt == "gptq":
+            decoded = dequantize_gptq(tensors, 4).float()
+        else:
+            decoded = PackedQuantizationCompressor.decompress(tensors, ct_scheme(config))["weight"]
+        module = native_model.get_submodule(layer.replace("block_sparse_moe", "mlp") + ".experts")
+        full = module.dequantize(proj, torch.float32)[int(expert)]
+        expected = full.chunk(2)[half] if proj == "gate_up_proj" else full
+        assert torch.equal(decoded, expected), stem
     read_back = llmquant.load(export, dtype=torch.float32)
     assert torch.equal(logits(read_back), logits(native_model))
     assert run_cli("convert", export, "-o", back, "--format", "llmquant", "--quiet") == 0
