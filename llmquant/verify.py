@@ -43,6 +43,21 @@ def checkpoint_shapes(files: Iterable[str | Path]) -> dict[str, tuple[torch.dtyp
     return found
 
 
+def _by_model_names(model: nn.Module, found: dict) -> dict:
+    """`found` keyed by the names transformers loads each tensor under (its conversion rules, e.g.
+    Mixtral's saved `block_sparse_moe` is the model's `mlp`); merged float tensors are listed
+    under their target with no shape (they are never a quantized module's)."""
+    from .conversion import Conversion
+
+    conversion = Conversion(model, list(found))
+    if not conversion.renames_anything:
+        return found
+    return {
+        key: found[group.sources[0]] if group.converter is None else (None, ())
+        for key, group in conversion.groups.items()
+    }
+
+
 def check_checkpoint(model: nn.Module, config: QuantConfig, files: Iterable[str | Path] | None) -> None:
     """Every QuantLinear of `model` (built from `config`) must find exactly its buffers, with its
     shapes and dtypes, in the checkpoint `files`; raises QuantizedCheckpointError naming the first
@@ -50,7 +65,7 @@ def check_checkpoint(model: nn.Module, config: QuantConfig, files: Iterable[str 
     files = [f for f in files or [] if str(f).endswith(".safetensors")]
     if not files:
         return
-    found = checkpoint_shapes(files)
+    found = _by_model_names(model, checkpoint_shapes(files))
     by_module: dict[str, set[str]] = {}
     for name in found:
         module, _, leaf = name.rpartition(".")
