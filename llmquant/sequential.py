@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .convert import expert_layers, linear_layers
-from .experts import PROJECTIONS, calibrate_experts
+from .experts import PROJECTIONS, experts_calibration
 from .methods import awq, get_method, gptaq, rotation
 from .methods.grid import dequantize
 from .quantize import QuantizedWeight
@@ -561,41 +561,22 @@ def quantize_blocks(
             # later linears of the block see this one's quantized output
             weight.data.copy_(dequantize(q, config.bits, config.group_size).to(weight.dtype))
 
-        block_experts = {m: n for n, m in block.named_modules() if f"{prefix}.{index}.{n}" in experts}
+        def quantize_expert(name: str, weight: torch.Tensor, h: torch.Tensor) -> tuple[object, torch.Tensor]:
+            q = method.quantize(
+                weight, h, config.bits, config.group_size, config.sym, scale_dtype or weight.dtype, name
+            )
+            return (q if keep is None else keep(q)), dequantize(q, config.bits, config.group_size)
 
-        def experts_hook(module, args, kwargs, index=index, block_experts=block_experts):
-            full = f"{prefix}.{index}.{block_experts[module]}"
-            x = args[0] if args else kwargs["hidden_states"]
-            found: dict[str, list] = {f"{full}.{proj}": [] for proj in PROJECTIONS}
-
-            def quantize(proj: str, expert: int, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-                name = f"{full}.{proj}"
-                q = method.quantize(
-                    weight,
-                    h,
-                    config.bits,
-                    config.group_size,
-                    config.sym,
-                    scale_dtype or module.gate_up_proj.dtype,
-                    f"{name}[{expert}]",
-                )
-                found[name].append(q if keep is None else keep(q))
-                return dequantize(q, config.bits, config.group_size)
-
-            calibrate_experts(module, x, input_hessian, quantize)
-            results.update(found)
-
-        handles = [m.register_forward_pre_hook(experts_hook, with_kwargs=True) for m in block_experts]
-        try:
+        block_experts = {
+            m: f"{prefix}.{index}.{n}" for n, m in block.named_modules() if f"{prefix}.{index}.{n}" in experts
+        }
+        with experts_calibration(block_experts, quantize_expert, input_hessian, results):
             hidden = _run_hooked(block, names, hook, hidden, kw)
-        finally:
-            for handle in handles:
-                handle.remove()
         error = ((hidden[:few] - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30)).item()
         store.release(index, live, block)
         bar.set_postfix_str(f"block {index} rel. output error {error:.2e}")
         bar.update(1)
-        del reference, cache, block, names, hook, float_inputs, block_experts, experts_hook  # free this block
+        del reference, cache, block, names, hook, float_inputs, block_experts  # free this block before the next
     bar.close()
     if unscaled:
         listed = ", ".join(f"{name} ({count} of {len(blocks)} blocks)" for name, count in sorted(unscaled.items()))
