@@ -35,7 +35,9 @@ def is_experts(module: nn.Module) -> bool:
 def check_layout(name: str, module: nn.Module) -> None:
     """ValueError (one line) for an experts module whose layout QuantExperts does not run: weights
     stored transposed, biases, no gate, interleaved gate/up or a norm after each expert (gpt-oss,
-    some research models). The plain layout: gate, up = (x @ gate_up_proj[e].T).chunk(2);
+    some research models), or a module not declared through transformers'
+    `use_experts_implementation` (Llama-4's, whose forward takes pre-sorted tokens). The plain
+    layout: gate, up = (x @ gate_up_proj[e].T).chunk(2);
     y = down_proj[e] @ (act(gate) * up)."""
     flags = {
         "is_transposed": False,
@@ -45,6 +47,8 @@ def check_layout(name: str, module: nn.Module) -> None:
         "has_post_expert_norm": False,
     }
     odd = [f"{key}={getattr(module, key)}" for key, plain in flags.items() if getattr(module, key, plain) != plain]
+    if not hasattr(module, "is_transposed"):  # not under transformers' experts interface (Llama-4: [E, H, 2I], bmm)
+        odd.append("a layout outside transformers' experts interface")
     if odd or not isinstance(getattr(module, "act_fn", None), nn.Module | Callable):
         raise ValueError(
             f"{name} ({type(module).__name__}): experts with {', '.join(odd) or 'no act_fn'} are not supported; "

@@ -304,3 +304,28 @@ def test_skipped_experts_stay_float(saved):
     assert not any(isinstance(m, QuantExperts) for m in model.modules())
     assert isinstance(model.model.layers[0].mlp.shared_expert.up_proj, QuantLinear)
     assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+
+
+def test_experts_layouts_quantexperts_cannot_run_are_refused_naming_them():
+    """gpt-oss stores experts transposed with biases: refused (one line, naming the module and
+    how to keep it float), never run with the wrong layout or silently left float."""
+    from transformers import GptOssConfig
+
+    config = GptOssConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(
+        ValueError, match=r"^model\.layers\.0\.mlp\.experts \(GptOssExperts\).*is_transposed=True.*--skip"
+    ) as error:
+        llmquant.quantize_(model, QuantConfig(group_size=32), progress=False)
+    assert "\n" not in str(error.value)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # all or nothing
