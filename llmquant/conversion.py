@@ -58,13 +58,14 @@ class Conversion:
     """The groups of a source checkpoint's keys, by model tensor name, with transformers' rules
     for `model` (a meta skeleton is enough). Keys the model does not know keep their names."""
 
-    def __init__(self, model: nn.Module, source_names: list[str]) -> None:
+    def __init__(self, model: nn.Module, source_names: list[str], extra: list[str] | tuple = ()) -> None:
+        """extra: tensor names the model would have once quantized (e.g. QuantExperts buffers)."""
         from transformers.core_model_loading import dot_natural_key, rename_source_key
 
         self.model = model
         renamings, converters = _rules(model)
         by_pattern = {p: c for c in converters for p in c.source_patterns}
-        expected = model.state_dict()
+        expected = {**model.state_dict(), **dict.fromkeys(extra, True)}  # transformers tests `.get(key) is not None`
         prefix = getattr(model, "base_model_prefix", None)
         self.groups: dict[str, Group] = {}
         self.order: list[str] = []  # group keys in the source order of their first tensor

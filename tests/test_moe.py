@@ -177,6 +177,9 @@ def test_moe_cli_loads_and_equals_quantize_(saved, tmp_path, family, method, gro
         reference.save_pretrained(tmp_path / "saved")
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
         assert torch.equal(logits(again), logits(reference))
+        fmt = "gptq" if family == "qwen2_moe" else "compressed-tensors"  # routers float, not GPTQ `dynamic`
+        assert run_cli("convert", tmp_path / "saved", "-o", tmp_path / "export", "--format", fmt, "--quiet") == 0
+        assert torch.equal(logits(llmquant.load(tmp_path / "export", dtype=torch.float32)), logits(reference))
     if method == "rtn":  # quantize-on-load gives the same model too
         on_load = AutoModelForCausalLM.from_pretrained(saved[family], dtype=torch.float32, quantization_config=config)
         assert torch.equal(logits(on_load), logits(reference))

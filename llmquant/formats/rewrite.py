@@ -22,8 +22,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..config import QuantConfig
-from ..conversion import per_expert_rows
+from ..conversion import Conversion, per_expert_rows
+from ..convert import router_linears
 from ..errors import CheckpointError
+from ..experts import MEMBERS as EXPERT_MEMBERS
 from ..experts import PROJECTIONS, is_experts
 from ..modelcard import write_model_card
 from ..publish import check_output, copy_side_files, staged_output
@@ -177,16 +179,23 @@ def expert_names_of(model: torch.nn.Module) -> list[str]:
     return [f"{n}.{p}" for n, m in model.named_modules() if is_experts(m) for p in PROJECTIONS]
 
 
+def _stacked_names(name: str) -> list[str]:
+    """The QuantExperts buffer names of the experts tensor `name` (llmquant's stacked layout)."""
+    return [f"{name.rpartition('.')[2]}_{member}" for member in EXPERT_MEMBERS]
+
+
 def _rows(model: torch.nn.Module, fmt: ModuleType, name: str, shape: tuple[int, int, int]) -> list | None:
     """Per-expert checkpoint tensors of `name` in `fmt` (None: llmquant stacks them)."""
     return None if fmt.NAME == "llmquant" else per_expert_rows(model, name, shape)
 
 
 def _stored_experts(
-    model: torch.nn.Module, source: ModuleType, specs: list[TensorSpec], config: QuantConfig
+    model: torch.nn.Module, source: ModuleType, specs: list[TensorSpec], config: QuantConfig, raw_of: dict[str, str]
 ) -> tuple[dict[str, tuple[tuple[int, int, int], list | None]], set[str]]:
     """({experts tensor: (shape [E, N, K], its per-expert source tensors)} of the experts stored
-    quantized in the source, and the names of all their source tensors)."""
+    quantized in the source, and the stored names of all their source tensors). raw_of: {model
+    name: stored name} where transformers' rules rename (save_pretrained writes Mixtral's `mlp`
+    as `block_sparse_moe`)."""
     present = {spec.name for spec in specs}
     modules = dict(model.named_modules())
     found, names = {}, set()
@@ -194,7 +203,7 @@ def _stored_experts(
         owner, _, proj = name.rpartition(".")
         shape = tuple(getattr(modules[owner], proj).shape)
         rows = _rows(model, source, name, shape)
-        members = [n for n in source_names(source, name, rows, config) if n in present]
+        members = [raw_of.get(n, n) for n in source_names(source, name, rows, config) if raw_of.get(n, n) in present]
         if members:
             found[name] = (shape, rows)
             names.update(members)
@@ -225,10 +234,15 @@ def convert_checkpoint(
     model = meta_model(source_dir)
     shapes = linear_shapes(source_dir, model)
     parsed = source.parse_config(source_qc)
-    experts, expert_names = _stored_experts(model, source, specs, parsed)
+    stacked = [f"{name.rpartition('.')[0]}.{b}" for name in expert_names_of(model) for b in _stacked_names(name)]
+    conversion = Conversion(model, [spec.name for spec in specs], extra=stacked)
+    raw_of = {key: g.sources[0] for key, g in conversion.groups.items() if g.converter is None}
+    experts, expert_names = _stored_experts(model, source, specs, parsed, raw_of)
     specs = [spec for spec in specs if spec.name not in expert_names]  # converted by `_convert_experts`
     layers = find_layers(specs, source, shapes)
-    kept = sorted(name for name in shapes if name not in layers)
+    router_modules = router_linears(model)
+    routers = {module_name for module_name, module in model.named_modules() if module in router_modules}
+    kept = sorted(name for name in shapes if name not in layers and name not in routers)  # routers: always float
     kept += sorted(
         {name.rpartition(".")[0] for name in expert_names_of(model)} - {n.rpartition(".")[0] for n in experts}
     )
@@ -239,7 +253,7 @@ def convert_checkpoint(
     output_specs, steps = plan(specs, layers, source, target, config)
     by_name = {spec.name: spec for spec in tensor_specs(files)}
     for name, (shape, source_rows) in experts.items():  # after the other tensors: order does not matter to loaders
-        scale = next(by_name[n] for n in source_names(source, name, source_rows, config) if "scale" in n)
+        scale = next(by_name[raw_of.get(n, n)] for n in source_names(source, name, source_rows, config) if "scale" in n)
         output_specs += expert_specs(target, name, shape, _rows(model, target, name, shape), scale.dtype, config)
         steps.append(("experts", name))
     summary = ConvertSummary(
@@ -257,7 +271,8 @@ def convert_checkpoint(
                 shape, source_rows = experts[item]
 
                 def read(name: str) -> torch.Tensor | None:
-                    return read_tensor(where, name) if name in where else None
+                    stored = raw_of.get(name, name)
+                    return read_tensor(where, stored) if stored in where else None
 
                 packed = import_experts(source, item, shape, source_rows, read, config, source_qc)
                 target_rows = _rows(model, target, item, shape)
