@@ -14,8 +14,8 @@ sample) of a generated Llama-2-7B-shaped checkpoint (hidden 4096, MLP 11008, 32 
 32000, random fp16 weights, the stories260k tokenizer) with `--layers` decoder blocks, in a child
 process: wall seconds, seconds per decoder block (each block's load-to-release time, read by
 wrapping the block store), peak GPU memory (`torch.cuda.max_memory_allocated`/reserved) and peak
-resident memory (VmHWM). The 32-layer time is extrapolated as (total - sum of block times) + 32 x
-the median block time, and says so. Writes `quantize-gptq-rot-<device>.json`.
+resident memory (VmHWM). The 32-layer time is extrapolated from the blocks after the first (which also pays one-off
+costs): (total - their sum) + one median block per further layer, and says so. Writes `quantize-gptq-rot-<device>.json`.
 
 `--dry-run` needs no GPU: `eval` compares the CPU torch path with the Triton kernels under the
 interpreter (`LLMQUANT_KERNEL=triton`, TRITON_INTERPRET=1) on the first windows, `quantize` runs a
@@ -240,14 +240,18 @@ def run_quantize(args) -> int:
         payload["output_bytes"] = sum(f.stat().st_size for f in dst.glob("*.safetensors")) if dst.is_dir() else None
     blocks = payload["block_seconds"]
     if blocks:
-        per_block = statistics.median(blocks)
-        fixed = payload["seconds"] - sum(blocks)
+        # The first block also pays one-off costs (lazy initialisation, first kernels): the steady
+        # per-block time is the median of the others, and the first counts with the fixed part.
+        steady = blocks[1:] or blocks
+        per_block = statistics.median(steady)
+        fixed = payload["seconds"] - sum(steady)
         payload["per_block_seconds_median"] = per_block
-        payload["outside_blocks_seconds"] = fixed
-        payload["extrapolated_32_layer_seconds"] = fixed + 32 * per_block
+        payload["outside_steady_blocks_seconds"] = fixed
+        payload["extrapolated_32_layer_seconds"] = fixed + (32 - (len(blocks) - len(steady))) * per_block
         payload["extrapolation"] = (
-            "(child wall seconds - sum of block seconds) + 32 x median block seconds: an estimate from "
-            f"{len(blocks)} blocks, not a 32-layer measurement; peak memory is that of the {args.layers}-layer run"
+            "(child wall seconds - sum of the blocks after the first) + one block per further layer at the "
+            f"median of those: an estimate from {len(blocks)} blocks, not a 32-layer measurement; peak memory "
+            f"is that of the {args.layers}-layer run"
         )
     path = _save(args.out, stem, payload)
     print(json.dumps({k: v for k, v in payload.items() if k != "env"}, indent=1))
