@@ -77,7 +77,7 @@ def check_inside(path: Path, src: Path) -> None:
     if blobs is not None and target.parent == blobs.resolve():
         return
     raise CheckpointError(
-        f"{path} is a symbolic link to {target}, outside the source folder; refusing to read it into the output "
+        f"{path} is a symbolic link outside the source folder (to {target}); refusing to read it into the output "
         "(copy the file into the folder, or remove the link)"
     )
 

@@ -91,6 +91,29 @@ def check_checkpoint(model: nn.Module, config: QuantConfig, files: Iterable[str 
                 f"llmquant: module {name!r} does not match quantization_config ({_describe(config)}): {problem}; "
                 "config.json and the weights disagree, refusing to load"
             )
+    check_stored_values(model, files)
+
+
+def check_stored_values(model: nn.Module, files: list[str | Path]) -> None:
+    """`check_values` for every QuantLinear of `model` on the scales and zeros stored in `files`,
+    read before transformers loads anything (only those tensors: a G-th of the codes' size)."""
+    from safetensors import safe_open
+
+    wanted = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            wanted[f"{name}.scales"] = (name, module.bits)
+            if not module.sym:
+                wanted[f"{name}.qzeros"] = (name, module.bits)
+    values: dict[str, dict[str, torch.Tensor]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key in wanted:
+                    module, bits = wanted[key]
+                    values.setdefault(module, {"bits": bits})[key.rpartition(".")[2]] = handle.get_tensor(key)
+    for module, stored in values.items():
+        check_values(module, stored["bits"], stored["scales"], stored.get("qzeros"))
 
 
 def check_values(module: str, bits: int, scales: torch.Tensor, qzeros: torch.Tensor | None) -> None:
@@ -153,8 +176,7 @@ def check_packed(module: str, packed: dict[str, torch.Tensor], n: int, k: int, c
 
 def check_loaded(model: nn.Module, config: QuantConfig) -> None:
     """After loading: every QuantLinear carries the config's bits/group size/sym and buffers of
-    the shapes they imply, none left on the meta device, and values that mean something
-    (`check_values`: the buffers are in memory now, so this is a scan of scales and zeros)."""
+    the shapes they imply, none left on the meta device."""
     for name, module in model.named_modules():
         if not isinstance(module, QuantLinear):
             continue
@@ -178,8 +200,6 @@ def check_loaded(model: nn.Module, config: QuantConfig) -> None:
             raise QuantizedCheckpointError(
                 f"llmquant: module {name!r} was not loaded as quantization_config says ({_describe(config)})"
             )
-        if not module.scales.is_meta:  # an offloaded layer (accelerate) holds its values elsewhere
-            check_values(name, module.bits, module.scales, module.qzeros)
 
 
 def looks_like_llmquant(quantization_config: Any) -> bool:

@@ -81,16 +81,6 @@ def test_zero_point_out_of_range_is_refused_at_load(int4, tmp_path, capsys):
     one_line_error(capsys, [LAYER, "zero points up to 200"], progress=True)
 
 
-def test_values_are_checked_after_loading_too(int4):
-    from llmquant.verify import check_loaded
-
-    model = AutoModelForCausalLM.from_pretrained(int4)
-    check_loaded(model, model.config.quantization_config)  # a good checkpoint passes
-    model.get_submodule(LAYER).scales[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=LAYER):
-        check_loaded(model, model.config.quantization_config)
-
-
 @pytest.mark.parametrize("fmt,scale", [("gptq", "scales"), ("compressed-tensors", "weight_scale")])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_bad_scale_in_an_export_is_refused_by_llmquant_load(exports, tmp_path, fmt, scale, value):
@@ -166,7 +156,8 @@ def test_convert_refuses_a_4bit_config_over_8bit_tensors(stories_dir, tmp_path, 
         int8, tmp_path / "src", config=lambda c: {**c, "quantization_config": {**c["quantization_config"], "bits": 4}}
     )
     assert run_cli("convert", src, "-o", tmp_path / "out", "--format", "llmquant", "--quiet") == 2
-    one_line_error(capsys, ["does not match quantization_config (bits=4", "qweight is torch.int32 [16,"])
+    # down_proj (K = 172) comes first in the file: 43 rows of 8-bit words where 4-bit codes need 22
+    one_line_error(capsys, ["'model.layers.0.mlp.down_proj' does not match quantization_config (bits=4", "[43, 64]"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8", "src"]
 
 
