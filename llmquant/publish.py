@@ -94,6 +94,7 @@ def check_output(out: Path, source: Path, overwrite: bool) -> None:
     out_real, source_real = out.resolve(), source.resolve()
     if out_real == source_real or source_real in out_real.parents or out_real in source_real.parents:
         raise CheckpointError(f"output {out} is the source folder, inside it or a parent of it; choose another")
+    clean_stale(out)  # a swap cut short puts the old output back first: it then counts as existing
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:

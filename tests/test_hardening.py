@@ -186,7 +186,8 @@ def test_stale_staging_of_dead_processes_is_cleaned(stories_dir, tmp_path):
     dead = dead_pid()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        for name in (f".o.tmp-{dead}", f".o.old-{dead}", f".o.tmp-{alive.pid}", ".other.tmp-1"):
+        # (a dead run's .o.old-PID is a swap cut short: restored, test_swap_cut_short_is_restored_on_the_next_run)
+        for name in (f".o.tmp-{dead}", f".o.tmp-{dead}-0a1b2c3d", f".o.tmp-{alive.pid}", ".other.tmp-1"):
             (tmp_path / name).mkdir()
             (tmp_path / name / "model-00001-of-00002.safetensors").write_bytes(b"partial")
         assert quantize(stories_dir, tmp_path / "o") == 0
@@ -212,7 +213,8 @@ def test_failed_swap_restores_the_old_output(tmp_path, monkeypatch):
 
     out = tmp_path / "o"
     out.mkdir()
-    (out / "config.json").write_text("old")
+    old = json.dumps({"quantization_config": {"quant_method": "llmquant"}})
+    (out / "config.json").write_text(old)
     real_rename = Path.rename
 
     def rename(self, target):
@@ -221,9 +223,10 @@ def test_failed_swap_restores_the_old_output(tmp_path, monkeypatch):
         return real_rename(self, target)
 
     monkeypatch.setattr(Path, "rename", rename)
-    with pytest.raises(OSError, match="disk on fire"), publish.staged_output(out) as staging:
+    monkeypatch.setattr(publish, "_rename_noreplace", lambda source, target: source.rename(target))
+    with pytest.raises(OSError, match="disk on fire"), publish.staged_output(out, overwrite=True) as staging:
         (staging / "config.json").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and (out / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and (out / "config.json").read_text() == old
 
 
 # 3./4. Loading never silently wrong
@@ -245,7 +248,10 @@ layer = model.model.layers[0].mlp.down_proj
 assert type(layer).__name__ == "QuantLinear", type(layer)
 torch.save(model(torch.arange(20)[None]).logits, {str(tmp_path / "logits.pt")!r})
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    # run outside the project root, whose kernels/ folder would shadow the installed `kernels` package
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     expected = AutoModelForCausalLM.from_pretrained(out)(torch.arange(20)[None]).logits
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
