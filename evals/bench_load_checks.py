@@ -5,9 +5,10 @@
 
 Quantizes SmolLM2-135M (fp16, `scripts/prepare_smollm2.py`) to int4 g64 once, then loads it with
 a plain `from_pretrained` `--rounds` times with the checks and as many times with
-`llmquant.verify.check_values` replaced by a no-op, alternating (so drift in machine load hits both
-sides alike), after one warm-up load that fills the page cache. Also times the checks alone over the
-loaded model (every QuantLinear's scales and zeros), which is the cost without the loads' noise.
+`llmquant.verify.check_stored_values` (read the scales and zeros from the files, check them) replaced
+by a no-op, alternating (so drift in machine load hits both
+sides alike), after one warm-up load that fills the page cache. Also times the checks alone (the same
+call on the loaded model's layers and the checkpoint file), which is the cost without the loads' noise.
 Writes JSON + Markdown (device, versions, commit, date); `--show` prints the table of a result file.
 """
 
@@ -43,25 +44,25 @@ def measure(model_dir: Path, rounds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="llmquant-load-checks-") as scratch:
         folder = Path(scratch) / "int4-g64"
         quantize_checkpoint(str(model_dir), folder, llmquant.QuantConfig(bits=4, group_size=64), progress=False)
-        real = verify.check_values
+        real = verify.check_stored_values
         _load_seconds(folder)  # warm-up: page cache, lazy imports
         timings: dict[str, list[float]] = {"with checks": [], "without checks": []}
         for _ in range(rounds):
             for label in timings:
-                verify.check_values = real if label == "with checks" else (lambda *args, **kwargs: None)
+                verify.check_stored_values = real if label == "with checks" else (lambda *args, **kwargs: None)
                 try:
                     timings[label].append(_load_seconds(folder))
                 finally:
-                    verify.check_values = real
+                    verify.check_stored_values = real
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder)
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, llmquant.QuantLinear)]
+        files = sorted(folder.glob("*.safetensors"))
         alone = []
         for _ in range(rounds):
             start = time.perf_counter()
-            for name, module in layers:
-                real(name, module.bits, module.scales, module.qzeros)
+            real(model, files)
             alone.append(time.perf_counter() - start)
         scanned = sum(m.scales.numel() + (m.qzeros.numel() if m.qzeros is not None else 0) for _, m in layers)
     with_checks, without = (statistics.median(timings[k]) for k in ("with checks", "without checks"))

@@ -12,7 +12,6 @@ refused while planning, before a byte is written.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from ..config import QuantConfig
 from ..errors import CheckpointError
 from ..modelcard import write_model_card
-from ..plan import Skeleton, check_shapes
+from ..plan import Skeleton, check_shapes, may_be_missing
 from ..publish import check_output, copy_side_files, side_files, staged_output
 from ..shards import ShardedWriter, TensorSpec, parse_size
 from ..source import check_inside, read_json_object, resolve_source, safetensors_names, tensor_specs, weight_files
@@ -107,9 +106,7 @@ def float_plan(model: torch.nn.Module, layers: dict[str, Layer]) -> Skeleton:
         for name, tensor in model.state_dict().items()
         if name.rpartition(".")[0] not in layers
     }
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    optional = [re.escape(name) for name in tied] + list(model._keys_to_ignore_on_load_missing or [])
-    return Skeleton(targets={}, skip=[], shapes=shapes, optional=optional)
+    return Skeleton(targets={}, skip=[], shapes=shapes, optional=may_be_missing(model))
 
 
 def tensor_files(files: list[Path]) -> dict[str, Path]:
