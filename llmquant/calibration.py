@@ -121,6 +121,38 @@ def load_calibration(
     return CalibrationSet(tokens=tokens, source=source, seed=seed, tokens_available=ids.numel())
 
 
+def position_limit(model_config) -> int | None:
+    """The longest sequence the model serves (max_position_embeddings of a transformers config,
+    or of its text config), None when the config does not say."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    limit = getattr(text, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def check_seqlen(seqlen: int, model_config) -> None:
+    """Refuse calibration samples longer than the model's positions: with RoPE the statistics
+    would come from positions the model never serves, with learned positions the forward pass
+    fails inside torch.embedding. CalibrationError naming both numbers."""
+    limit = position_limit(model_config)
+    if limit is not None and seqlen > limit:
+        raise CalibrationError(
+            f"calibration samples of {seqlen} tokens (--calib-seqlen) are longer than the model's "
+            f"max_position_embeddings {limit}; use --calib-seqlen {limit} or less"
+        )
+
+
+def check_seqlen_for(src: str | Path, seqlen: int) -> None:
+    """`check_seqlen` against the config of the model folder or Hub id `src`, before any work.
+    A config that cannot be read is left to the checks that read it properly (named there)."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(src)
+    except Exception:  # reported, naming the file, by the quantize command's own config checks
+        return
+    check_seqlen(seqlen, model_config)
+
+
 def add_arguments(parser) -> None:
     """The calibration flags shared by `llmquant quantize` and `llmquant eval`."""
     group = parser.add_argument_group("calibration (every method but rtn)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .calibrated_checkpoint import precompute_packed
+from .calibration import check_seqlen_for
 from .config import QuantConfig
 from .errors import CheckpointError
 from .formats import get_format
@@ -23,7 +24,7 @@ from .methods import get_method
 from .modelcard import write_model_card
 from .plan import check_shapes, output_specs, quantizable_weights
 from .progress import progress_bar
-from .publish import check_output, copy_side_files, staged_output
+from .publish import check_output, copy_side_files, side_files, staged_output
 from .quantize import quantize_weight
 from .shards import ShardedWriter, TensorSpec, parse_size
 from .source import iter_tensors, read_config, resolve_source, tensor_specs, weight_files
@@ -79,6 +80,9 @@ def quantize_checkpoint(
     source = resolve_source(src)
     model_config = read_config(source)
     check_output(out, source, overwrite)
+    side_files(source)  # a link out of the source is refused now, not after the work
+    if calibration is not None and get_method(config.method).calibrated:
+        check_seqlen_for(source, calibration.tokens.shape[1])
     files = weight_files(source)
     skeleton = quantizable_weights(source, config)
     targets = skeleton.targets
@@ -98,7 +102,7 @@ def quantize_checkpoint(
         specs += [TensorSpec(name, value.dtype, tuple(value.shape)) for name, value in added.items()]
 
     summary = Summary(warnings=layout.engine_warnings(saved_config))
-    with staged_output(out) as staging:
+    with staged_output(out, overwrite) as staging:
         writer = ShardedWriter(staging, specs, max_bytes)
         bar = progress_bar(total=len(targets), enabled=progress, desc="quantizing", unit="layer")
         for name, tensor in iter_tensors(files):

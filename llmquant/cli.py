@@ -51,6 +51,9 @@ def _add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
         help="modules kept in floating point (default: the output head)",
     )
     _add_output_arguments(parser)
+    from .calibration import add_arguments as add_calibration_arguments
+
+    add_calibration_arguments(parser)  # quantize only: convert never calibrates
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,9 +67,6 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    from .calibration import add_arguments as add_calibration_arguments
-
-    add_calibration_arguments(parser)
 
 
 def _add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -105,8 +105,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
+    from .calibration import check_seqlen_for, load_tokenizer
     from .calibration import from_arguments as calibration_from_arguments
-    from .calibration import load_tokenizer
     from .checkpoint import quantize_checkpoint
     from .config import QuantConfig
     from .methods import get_method
@@ -116,6 +116,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     )
     calibration = None
     if get_method(config.method).calibrated:
+        check_seqlen_for(args.src, args.calib_seqlen)  # before the tokenizer and the text are read
         calibration = calibration_from_arguments(load_tokenizer(args.src), args)
     summary = quantize_checkpoint(
         args.src,

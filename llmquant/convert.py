@@ -93,6 +93,9 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, cali
         from .sequential import quantize_calibrated_
 
         return quantize_calibrated_(model, config, calibration, progress)
+    # What the model holds, recorded before the swap (the default skip looks at the float head):
+    # save_pretrained writes it, and without it a reload builds nn.Linear over packed tensors.
+    resolved = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": modules_to_skip(model, config)})
     for name, linear in progress_bar(layers, enabled=progress, desc="quantizing", unit="layer"):
         _set_module(
             model,
@@ -101,6 +104,8 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, cali
                 linear, config.bits, config.group_size, config.sym, method=config.method, name=f"{name}.weight"
             ),
         )
+    if hasattr(model, "config"):
+        model.config.quantization_config = resolved
     return model
 
 
@@ -121,4 +126,18 @@ def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
         if module.bias is not None:
             linear.bias.copy_(module.bias)
         _set_module(model, name, linear)
+    forget_quantization(model)
     return model
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """After dequantizing: drop what says the model is quantized (its config's
+    quantization_config, transformers' quantizer), so save_pretrained writes a float folder that
+    a plain from_pretrained reads as one, instead of building empty QuantLinear layers."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False

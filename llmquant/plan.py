@@ -49,11 +49,16 @@ def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
         raise CheckpointError(str(error)) from None
     layers = linear_layers(model, config)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    # Tensors a checkpoint may lack: tied copies (the head sharing the embedding) and what the
-    # model class itself says may be missing.
+    return Skeleton(
+        {f"{name}.weight": name for name, _ in layers}, modules_to_skip(model, config), shapes, may_be_missing(model)
+    )
+
+
+def may_be_missing(model: torch.nn.Module) -> list[str]:
+    """Patterns of tensors a checkpoint may lack: tied copies (the head sharing the embedding)
+    and what the model class itself says may be missing."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
-    optional = [re.escape(name) for name in tied] + list(model._keys_to_ignore_on_load_missing or [])
-    return Skeleton({f"{name}.weight": name for name, _ in layers}, modules_to_skip(model, config), shapes, optional)
+    return [re.escape(name) for name in tied] + list(model._keys_to_ignore_on_load_missing or [])
 
 
 def check_shapes(source: list[TensorSpec], skeleton: Skeleton, config_path: Path) -> None:

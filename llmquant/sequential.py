@@ -612,6 +612,10 @@ def quantize_calibrated_(model: nn.Module, config: QuantConfig, calibration, pro
     from .quantize import pack
 
     tokens, info = _calibration_tokens(calibration)
+    if hasattr(model, "config"):
+        from .calibration import check_seqlen
+
+        check_seqlen(tokens.shape[1], model.config)  # before any block runs
     was_training = model.training
     changed: dict[str, torch.Tensor] = {}
     try:

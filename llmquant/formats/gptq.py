@@ -98,6 +98,12 @@ def import_layer(
         )
     stored = unpack_along_n(tensors["qzeros"].t(), bits, n).to(torch.int32)
     zeros = stored + 1 if source_qc.get("checkpoint_format", "gptq") == "gptq" else stored
+    if bool((zeros >= 1 << bits).any()):  # v1's stored 2^b - 1: out of range, and a uint8 would wrap it
+        g, col = (zeros >= 1 << bits).nonzero()[0].tolist()
+        raise FormatError(
+            f"{module}: zero point {int(zeros[g, col])} (group {g}, output {col}) is outside [0, {1 << bits}) "
+            f"for {bits}-bit codes; the checkpoint is corrupt"
+        )
     packed = {"qweight": tensors["qweight"], "scales": tensors["scales"]}
     if config.sym:
         if not bool((zeros == 1 << (bits - 1)).all()):

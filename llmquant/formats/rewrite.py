@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from ..config import QuantConfig
 from ..errors import CheckpointError
 from ..modelcard import write_model_card
-from ..publish import check_output, copy_side_files, staged_output
+from ..plan import Skeleton, check_shapes, may_be_missing
+from ..publish import check_output, copy_side_files, side_files, staged_output
 from ..shards import ShardedWriter, TensorSpec, parse_size
-from ..source import resolve_source, tensor_specs, weight_files
+from ..source import check_inside, read_json_object, resolve_source, safetensors_names, tensor_specs, weight_files
+from ..verify import check_packed
 from . import FormatError, detect_format, get_format
 
 SCALE_MEMBER = {"llmquant": "scales", "gptq": "scales", "compressed-tensors": "weight_scale"}
@@ -57,22 +59,23 @@ class Layer:
 
 
 def read_quantized_config(src: Path) -> dict:
-    """config.json of a quantized folder (a floating-point one is refused)."""
+    """config.json of a quantized folder (a floating-point one is refused), a JSON object whose
+    quantization_config is an object; CheckpointError naming the file otherwise."""
     path = src / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: the source is not a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from None
-    if not config.get("quantization_config"):
+    check_inside(path, src)
+    config = read_json_object(path)
+    quantization = config.get("quantization_config")
+    if not quantization:
         raise CheckpointError(f"{src} is not quantized (no quantization_config); use `llmquant quantize`")
+    if not isinstance(quantization, dict):
+        raise CheckpointError(f"{path}: quantization_config must be an object, got {quantization!r}")
     return config
 
 
-def linear_shapes(src: Path) -> dict[str, tuple[int, int, bool]]:
-    """{module name: (out_features N, in_features K, has bias)} of every nn.Linear of the model
-    described by src/config.json, from a meta skeleton (no weights read)."""
+def meta_model(src: Path) -> torch.nn.Module:
+    """The float architecture described by src/config.json, on the meta device (no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -80,9 +83,13 @@ def linear_shapes(src: Path) -> dict[str, tuple[int, int, bool]]:
         if hasattr(model_config, "quantization_config"):
             del model_config.quantization_config  # the skeleton is the float architecture
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config)
+            return AutoModelForCausalLM.from_config(model_config)
     except Exception as error:
         raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
+
+
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
+    """{module name: (out_features N, in_features K, has bias)} of every nn.Linear of `model`."""
     return {
         name: (module.out_features, module.in_features, module.bias is not None)
         for name, module in model.named_modules()
@@ -90,14 +97,25 @@ def linear_shapes(src: Path) -> dict[str, tuple[int, int, bool]]:
     }
 
 
+def float_plan(model: torch.nn.Module, layers: dict[str, Layer]) -> Skeleton:
+    """What the source's float tensors (everything but the quantized layers' own tensors) must
+    be, as `plan.check_shapes` reads it: {name: shape} of the skeleton's state dict without the
+    quantized linears' tensors, and the names a checkpoint may lack (tied copies)."""
+    shapes = {
+        name: tuple(tensor.shape)
+        for name, tensor in model.state_dict().items()
+        if name.rpartition(".")[0] not in layers
+    }
+    return Skeleton(targets={}, skip=[], shapes=shapes, optional=may_be_missing(model))
+
+
 def tensor_files(files: list[Path]) -> dict[str, Path]:
-    """{tensor name: safetensors file holding it}."""
+    """{tensor name: safetensors file holding it}; a truncated or unreadable file is named."""
     where = {}
     for path in files:
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: convert reads safetensors checkpoints only")
-        with safe_open(str(path), framework="pt") as handle:
-            where.update(dict.fromkeys(handle.keys(), path))
+        where.update(dict.fromkeys(safetensors_names(path), path))
     return where
 
 
@@ -131,6 +149,11 @@ def find_layers(
     if not layers:
         raise FormatError(f"no quantized layers found ({marker} tensors) in a {source.NAME} checkpoint")
     return layers
+
+
+def owned(layers: dict[str, Layer]) -> set[str]:
+    """Names of the source tensors that belong to quantized layers (read and converted per layer)."""
+    return {name for layer in layers.values() for name in layer.members.values()}
 
 
 def plan(
@@ -182,11 +205,18 @@ def convert_checkpoint(
     model_config = read_quantized_config(source_dir)
     source_qc = model_config["quantization_config"]
     source = get_format(detect_format(source_qc))
+    side_files(source_dir)  # a link out of the source is refused now, before writing
     files = weight_files(source_dir)
     where = tensor_files(files)
     specs = tensor_specs(files)
-    shapes = linear_shapes(source_dir)
+    model = meta_model(source_dir)
+    shapes = linear_shapes(model)
     layers = find_layers(specs, source, shapes)
+    # the float tensors (embeddings, norms, head) must be the model's, as quantize checks them
+    members = owned(layers)
+    check_shapes(
+        [spec for spec in specs if spec.name not in members], float_plan(model, layers), source_dir / "config.json"
+    )
     parsed = source.parse_config(source_qc)
     kept = sorted(name for name in shapes if name not in layers)
     method = source_qc.get("method") or (source_qc.get("meta") or {}).get("method") or "rtn"
@@ -196,7 +226,7 @@ def convert_checkpoint(
     output_specs, steps = plan(specs, layers, source, target, config)
     summary = ConvertSummary(source.NAME, target.NAME, len(layers), warnings=target.engine_warnings(config))
 
-    with staged_output(out) as staging:
+    with staged_output(out, overwrite) as staging:
         writer = ShardedWriter(staging, output_specs, max_bytes)
         bar = tqdm(total=len(layers), desc=f"{source.NAME} -> {target.NAME}", unit="layer", disable=not progress)
         for kind, item in steps:
@@ -206,6 +236,8 @@ def convert_checkpoint(
             layer: Layer = item
             tensors = {m: read_tensor(where, name) for m, name in layer.members.items() if m != "bias"}
             packed = source.import_layer(layer.module, tensors, layer.n, layer.k, config, source_qc)
+            # the same checks as loading (shapes, dtypes, values): nothing is carried over unchecked
+            check_packed(layer.module, packed, layer.n, layer.k, config)
             for suffix, tensor in target.export_layer(layer.module, packed, layer.n, layer.k, config).items():
                 writer.write(f"{layer.module}.{suffix}", tensor)
             if layer.has_bias:
