@@ -115,8 +115,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
         bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, modules_to_not_convert=args.skip
     )
     calibration = None
-    if get_method(config.method).calibrated:
-        calibration = calibration_from_arguments(load_tokenizer(args.src), args)
+    if get_method(config.method).calibrated:  # loaded once the plan is checked (a refused family costs nothing)
+        calibration = lambda: calibration_from_arguments(load_tokenizer(args.src), args)  # noqa: E731
     summary = quantize_checkpoint(
         args.src,
         args.output,

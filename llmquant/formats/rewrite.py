@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantConfig
 from ..errors import CheckpointError
+from ..families import is_linear, linear_features
 from ..modelcard import write_model_card
 from ..publish import check_output, copy_side_files, staged_output
 from ..shards import ShardedWriter, TensorSpec, parse_size
@@ -71,7 +72,7 @@ def read_quantized_config(src: Path) -> dict:
 
 
 def linear_shapes(src: Path) -> dict[str, tuple[int, int, bool]]:
-    """{module name: (out_features N, in_features K, has bias)} of every nn.Linear of the model
+    """{module name: (out_features N, in_features K, has bias)} of every linear layer of the model
     described by src/config.json, from a meta skeleton (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -84,9 +85,9 @@ def linear_shapes(src: Path) -> dict[str, tuple[int, int, bool]]:
     except Exception as error:
         raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
     return {
-        name: (module.out_features, module.in_features, module.bias is not None)
+        name: (*linear_features(module)[::-1], module.bias is not None)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
+        if is_linear(module)  # nn.Linear and GPT-2's Conv1D (written as a QuantLinear)
     }
 
 
