@@ -192,13 +192,16 @@ CELLS = [
     [pytest.param(*c.values, id=c.id, marks=c.marks) for c in CELLS],
     indirect=["family_dir"],
 )
-def test_family_method(family_dir, method, tokens, tmp_path, capsys, request):
+def test_family_method(family_dir, method, tokens, tmp_path, capsys, request, monkeypatch):
     """One cell: `llmquant quantize` quantizes every linear but the head (or refuses with exit 2 and
-    one line naming the family and the reason, writing nothing); a plain from_pretrained of the
-    output gives the logits of the in-memory quantize_ of the same model; gptq and
-    compressed-tensors exports read back with llmquant.load give the same logits."""
+    one line naming the family and the reason, before loading calibration data, writing nothing);
+    a plain from_pretrained of the output gives the logits of the in-memory quantize_ of the same
+    model; gptq and compressed-tensors exports read back with llmquant.load give the same logits."""
     family = BY_NAME[request.node.callspec.params["family_dir"]]
     out = tmp_path / "q"
+    loads = []  # calibration loads: a refusal must come before any
+    load = llmquant.calibration.from_arguments
+    monkeypatch.setattr(llmquant.calibration, "from_arguments", lambda *args: loads.append(1) or load(*args))
     capsys.readouterr()
     code = quantize_cli(family_dir, out, method)
     error = capsys.readouterr().err
@@ -206,8 +209,8 @@ def test_family_method(family_dir, method, tokens, tmp_path, capsys, request):
         lines = [line for line in error.splitlines() if line.startswith("llmquant")]
         assert code == 2 and len(lines) == 1, error
         assert f"{family.model_type}:" in lines[0] and family.not_rotatable in lines[0], lines[0]
-        assert not out.exists()
-        _record(family.name, method, "quantize", "refused: " + lines[0].split(": ", 3)[-1])
+        assert not out.exists() and not loads
+        _record(family.name, method, "quantize", "refused: " + lines[0].split("cannot rotate this family: ")[-1])
         return
     assert code == 0, error
     float_model = AutoModelForCausalLM.from_pretrained(family_dir, dtype=torch.float32).eval()
@@ -260,3 +263,19 @@ def test_a_run_that_quantizes_nothing_is_refused(stories_dir, tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in error and "llama: no layer to quantize" in error, error
     assert not (tmp_path / "q").exists()
+
+
+def test_gemma_rotation_folds_one_plus_w_norms(tmp_path_factory):
+    """Gemma's norms scale by 1 + w: gptq-rot folds 1 + w into the linears and the head and leaves
+    w = 0 (scale 1), and the rotated model still computes the float model's function: at int8 its
+    logits stay close to the float logits (folding w instead of 1 + w would not)."""
+    folder = build(BY_NAME["Gemma"], tmp_path_factory.mktemp("gemma-fold") / "float")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calibration = load_calibration(tokenizer, CALIB, NSAMPLES, SEQLEN, seed=0).tokens
+    reference = logits(model, calibration)
+    llmquant.quantize_(model, QuantConfig(bits=8, group_size=GROUP, method="gptq-rot"), calibration=calibration)
+    norms = [m.weight for n, m in model.named_modules() if n.endswith("norm") and m.weight.numel() == 64]
+    assert len(norms) == 2 * 2 + 1 and all(torch.equal(w, torch.zeros(64)) for w in norms)
+    error = ((logits(model, calibration) - reference).norm() / reference.norm()).item()
+    assert error < 0.02, error
