@@ -18,7 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -157,7 +157,7 @@ def precompute_packed(
     src: Path,
     config: QuantConfig,
     scale_dtype: torch.dtype,
-    calibration: CalibrationSet | None = None,
+    calibration: CalibrationSet | Callable[[], CalibrationSet] | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict]:
     """{"<module>.weight": packed tensors} for every quantized linear of the model in `src`,
@@ -165,10 +165,13 @@ def precompute_packed(
     scaling; under rotations also the embedding and the head, which a tied source lacks), and
     the calibration record (dataset, samples, tokens, seed).
 
-    calibration: default `load_calibration(tokenizer of src)` (the C4 sample).
+    calibration: default `load_calibration(tokenizer of src)` (the C4 sample); a callable is called
+    here, so that a caller can defer loading it until the plan is checked.
     """
     from transformers import AutoTokenizer
 
+    if callable(calibration):
+        calibration = calibration()
     if calibration is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(src)

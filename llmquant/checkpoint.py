@@ -71,7 +71,8 @@ def quantize_checkpoint(
     format `fmt`: "llmquant", "gptq" or "compressed-tensors" (llmquant/formats/).
 
     Calibrated methods (gptq, clip) compute every packed tensor first from the float model on
-    CPU (`calibrated_checkpoint.py`; `calibration`: a CalibrationSet, default the C4 sample);
+    CPU (`calibrated_checkpoint.py`; `calibration`: a CalibrationSet or a callable returning one,
+    called once the plan is checked; default the C4 sample);
     the loop below then writes those instead of quantizing."""
     start = time.perf_counter()
     out = Path(out).expanduser()
@@ -90,7 +91,12 @@ def quantize_checkpoint(
     source_specs = tensor_specs(files)
     check_shapes(source_specs, skeleton, source / "config.json")
     layout = get_format(fmt)
-    specs = output_specs(source_specs, targets, config, fmt)
+    # a Conv1D weight [K, N] is planned, quantized and written as the linear weight [N, K] it is
+    as_linear = [
+        TensorSpec(spec.name, spec.dtype, spec.shape[::-1]) if spec.name in skeleton.transposed else spec
+        for spec in source_specs
+    ]
+    specs = output_specs(as_linear, targets, config, fmt)
     precomputed, changed, added = {}, {}, {}
     if get_method(config.method).calibrated:
         scale_dtype = next(spec.dtype for spec in source_specs if spec.name in targets)
@@ -113,6 +119,8 @@ def quantize_checkpoint(
                     check_finite_copy(name, tensor)
                 writer.write(name, changed[name].to(tensor.dtype) if name in changed else tensor)
                 continue
+            if name in skeleton.transposed:
+                tensor = tensor.t().contiguous()
             packed = precomputed.pop(name, None) or quantize_weight(
                 tensor, config.bits, config.group_size, config.sym, method=config.method, name=name
             )

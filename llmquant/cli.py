@@ -115,9 +115,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
         bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, modules_to_not_convert=args.skip
     )
     calibration = None
-    if get_method(config.method).calibrated:
+    if get_method(config.method).calibrated:  # loaded once the plan is checked (a refused family costs nothing)
         check_seqlen_for(args.src, args.calib_seqlen)  # before the tokenizer and the text are read
-        calibration = calibration_from_arguments(load_tokenizer(args.src), args)
+        calibration = lambda: calibration_from_arguments(load_tokenizer(args.src), args)  # noqa: E731
     summary = quantize_checkpoint(
         args.src,
         args.output,

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .families import is_linear
 from .linear import QuantLinear
 from .progress import progress_bar
 from .quantize import check_finite
@@ -35,22 +36,23 @@ def check_skip_matches(model: nn.Module, config: QuantConfig) -> None:
     names = [name for name, _ in model.named_modules() if name]
     unmatched = [s for s in config.modules_to_not_convert if not any(is_skipped(name, [s]) for name in names)]
     if unmatched:
-        linears = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linears = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if is_linear(m)})
         raise ValueError(
             f"modules_to_not_convert (--skip) {unmatched[0]!r} matches no module of the model; "
             f"its linear layers are named {', '.join(linears[:12])}"
         )
 
 
-def linear_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
-    """The (name, module) pairs the config quantizes, in model order."""
+def linear_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs the config quantizes, in model order: nn.Linear and transformers'
+    Conv1D (GPT-2; a transposed linear, see llmquant.families)."""
     skip = modules_to_skip(model, config)
     # A linear sharing its weight with an embedding (tied head) must stay a float tensor.
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not is_skipped(name, skip) and id(module.weight) not in embedding_weights
+        if is_linear(module) and not is_skipped(name, skip) and id(module.weight) not in embedding_weights
     ]
 
 
@@ -87,6 +89,8 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, cali
             weight = linear.weight
             raise ValueError(f"layer {name!r} has a {weight.dtype} weight on {weight.device}; cannot quantize it")
         check_finite(linear.weight, f"{name}.weight")
+    if not layers:  # quantizing nothing is an error, not a model that claims to be quantized
+        raise ValueError(f"{type(model).__name__}: no layer to quantize (no nn.Linear or Conv1D outside the skipped)")
     from .methods import get_method
 
     if get_method(config.method).calibrated:

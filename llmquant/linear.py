@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu
+from .families import linear_features, linear_weight
 from .kernels.pack import effective_group_size, num_groups, packed_rows, values_per_word
 from .quantize import quantize_weight
 
@@ -73,9 +74,10 @@ class QuantLinear(nn.Module):
     ) -> QuantLinear:
         """An empty QuantLinear with the shape, bias and device of `linear` (scales in `dtype`,
         default the weight's)."""
+        in_features, out_features = linear_features(linear)
         return cls(
-            linear.in_features,
-            linear.out_features,
+            in_features,
+            out_features,
             bits,
             group_size,
             sym,
@@ -100,7 +102,8 @@ class QuantLinear(nn.Module):
         cls, linear: nn.Linear, bits: int, group_size: int, sym: bool, method: str = "rtn", name: str = "weight"
     ) -> QuantLinear:
         """Quantize an nn.Linear (weight [N, K]) by round to nearest; scales keep the weight's dtype."""
-        packed = quantize_weight(linear.weight.detach(), bits, group_size, sym, method=method, name=name)
+        weight = linear_weight(linear).detach()  # [N, K]; a Conv1D stores the transpose
+        packed = quantize_weight(weight, bits, group_size, sym, method=method, name=name)
         return cls.from_packed(linear, packed, bits, group_size, sym)
 
     def load_packed(self, packed: dict[str, torch.Tensor]) -> None:

@@ -10,11 +10,12 @@ shapes can never drift from what loading expects.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import families
 from .config import QuantConfig
 from .convert import check_skip_matches, linear_layers, modules_to_skip
 from .errors import CheckpointError
@@ -31,6 +32,8 @@ class Skeleton:
     skip: list[str]
     shapes: dict[str, tuple[int, ...]]
     optional: list[str]
+    # target weights stored [K, N] (transformers' Conv1D): quantized as their transpose
+    transposed: set[str] = field(default_factory=set)
 
 
 def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
@@ -45,12 +48,23 @@ def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
         raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
     try:
         check_skip_matches(model, config)
+        families.check_method(model, config.method)  # e.g. gptq-rot on a LayerNorm family: before any work
     except ValueError as error:
         raise CheckpointError(str(error)) from None
     layers = linear_layers(model, config)
+    if not layers:  # a run that quantizes nothing is an error, not a copy named "quantized"
+        raise CheckpointError(
+            f"{families.family(model)}: no layer to quantize (no nn.Linear or Conv1D layer outside --skip "
+            f"{modules_to_skip(model, config)})"
+        )
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    transposed = {f"{name}.weight" for name, module in layers if families.transposed(module)}
     return Skeleton(
-        {f"{name}.weight": name for name, _ in layers}, modules_to_skip(model, config), shapes, may_be_missing(model)
+        {f"{name}.weight": name for name, _ in layers},
+        modules_to_skip(model, config),
+        shapes,
+        may_be_missing(model),
+        transposed,
     )
 
 

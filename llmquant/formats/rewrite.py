@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantConfig
 from ..errors import CheckpointError
+from ..families import is_linear, linear_features
 from ..modelcard import write_model_card
 from ..plan import Skeleton, check_shapes, may_be_missing
 from ..publish import check_output, copy_side_files, side_files, staged_output
@@ -91,9 +92,9 @@ def meta_model(src: Path) -> torch.nn.Module:
 def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
     """{module name: (out_features N, in_features K, has bias)} of every nn.Linear of `model`."""
     return {
-        name: (module.out_features, module.in_features, module.bias is not None)
+        name: (*linear_features(module)[::-1], module.bias is not None)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
+        if is_linear(module)  # nn.Linear and GPT-2's Conv1D (written as a QuantLinear)
     }
 
 
