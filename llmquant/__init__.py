@@ -17,7 +17,7 @@ from typing import Any
 
 import _llmquant_autoload
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it (dynamic version), `llmquant --version` prints it
 __all__ = [
     "CalibrationSet",
     "QuantConfig",
