@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu
-from .errors import missing_module
+from .errors import install_hint
 from .kernels.pack import effective_group_size, num_groups, packed_rows, values_per_word
 from .quantize import quantize_weight
 
@@ -42,7 +42,8 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 @functools.cache
 def _warn_no_triton() -> None:
     warnings.warn(
-        f"{missing_module('triton', 'the fused CUDA kernels')}; quantized layers dequantize and call cuBLAS instead",
+        f"the fused CUDA kernels need triton, which is not installed: {install_hint('triton')}; "
+        "quantized layers dequantize and call cuBLAS instead",
         stacklevel=4,
     )
 
