@@ -77,10 +77,10 @@ def hub_offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def _offline_hint(source: str) -> str:
-    """The one-line error for a Hub calibration set that cannot be fetched: how to use a local file."""
-    return (
-        f"calibration data {source!r} comes from the Hugging Face Hub, which is not reachable; "
+def _hub_error(source: str, why: str) -> CalibrationError:
+    """The one-line error for a Hub calibration set that cannot be had: why, and how to use a local file."""
+    return CalibrationError(
+        f"calibration data {source!r} comes from the Hugging Face Hub, {why}; "
         "pass a local file instead: --calib PATH (.txt, .jsonl/.json with a 'text' field, or .parquet)"
     )
 
@@ -111,11 +111,11 @@ def load_text(source: str | Path, text_field: str = "text") -> str:
         else:
             hub = KNOWN_CALIBRATION.get(str(source), HubText(str(source)))
             if hub_offline():  # fail fast: never let datasets retry the network
-                raise CalibrationError(_offline_hint(str(source)) + " (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)")
+                raise _hub_error(str(source), "which is not reachable (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)")
             try:
                 ds = datasets.load_dataset(hub.path, hub.name, data_files=hub.data_files, split=hub.split)
             except Exception as error:  # no network, unknown id, gated: all end the same way for the user
-                raise CalibrationError(f"{_offline_hint(str(source))}; datasets said: {with_cause(error)}") from None
+                raise _hub_error(str(source), f"and could not be fetched ({with_cause(error)})") from None
     except CalibrationError:
         raise
     except Exception as error:

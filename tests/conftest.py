@@ -1,8 +1,23 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# tests/ is a package, so pytest puts the checkout root on sys.path, where kernels/ (installed as
+# llmquant.kernels) shadows the `kernels` distribution that transformers (5.25 here) imports when it loads
+# a tokenizer or model ("cannot import name 'CUDAProperties' from 'kernels'"). Import the installed one
+# first, with the root off the path, so that sys.modules holds it for the whole session.
+_root = str(Path(__file__).resolve().parents[1])
+_saved_path = sys.path[:]
+sys.path[:] = [p for p in sys.path if p not in ("", ".", _root)]
+try:
+    import kernels  # noqa: F401
+except ImportError:  # not installed: transformers then finds no viable `kernels` either
+    pass
+finally:
+    sys.path[:] = _saved_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
