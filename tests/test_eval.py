@@ -230,7 +230,10 @@ def test_cli_bad_input_exit_2(case, message, tmp_path, capsys):
 def _cli(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "llmquant.evals.cli", *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    # not from the checkout root: `python -m` puts the working directory on sys.path, and there kernels/
+    # shadows the `kernels` distribution transformers imports (see conftest.py)
+    cwd = Path(__file__).resolve().parent
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
 
 def test_cli_quantize_on_load_end_to_end(tmp_path):
