@@ -165,7 +165,7 @@ def precompute_packed(
     scaling; under rotations also the embedding and the head, which a tied source lacks), and
     the calibration record (dataset, samples, tokens, seed).
 
-    calibration: default `load_calibration(tokenizer of src)` (the C4 sample).
+    calibration: default `load_calibration(tokenizer of src)` (c4 from the Hub).
     """
     from transformers import AutoTokenizer
 

@@ -70,7 +70,7 @@ def quantize_checkpoint(
     format `fmt`: "llmquant", "gptq" or "compressed-tensors" (llmquant/formats/).
 
     Calibrated methods (gptq, clip) compute every packed tensor first from the float model on
-    CPU (`calibrated_checkpoint.py`; `calibration`: a CalibrationSet, default the C4 sample);
+    CPU (`calibrated_checkpoint.py`; `calibration`: a CalibrationSet, default c4 from the Hub);
     the loop below then writes those instead of quantizing."""
     start = time.perf_counter()
     out = Path(out).expanduser()
