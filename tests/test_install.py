@@ -13,7 +13,7 @@ llmquant again. Each run makes a fresh venv that adds the cached one's site-pack
 (site.addsitedir, so their .pth files run as installed) and `pip install`s the wheel into it: pip
 resolves the wheel's Requires-Dist against what is there, and llmquant's own files, console script
 and .pth hook are new every run. A new dependency changes the key, so the cache cannot hide a
-missing one. LLMQUANT_FRESH_VENV=1 rebuilds it.
+missing one. LLMQUANT_FRESH_VENV=1 rebuilds it. With it cached the test takes 2.4 min (6.4 min at load 10).
 """
 
 from __future__ import annotations
