@@ -17,7 +17,32 @@ from typing import Any
 
 import _llmquant_autoload
 
-__version__ = "0.1.0"
+
+def _unshadow_kernels() -> None:
+    """Run from a source checkout's root (`python -m ...`, pytest), the checkout's kernels/ folder
+    (installed as llmquant.kernels) would be found as the top-level `kernels` package, which
+    transformers >= 5.25 imports from the Hub's `kernels` distribution ("cannot import name
+    'CUDAProperties' from 'kernels'"). Import the installed one first, with that root off the path."""
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = find_spec("kernels") if "kernels" not in sys.modules else None
+    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != root / "kernels":
+        return
+    saved = sys.path[:]
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:  # not installed (older transformers): then nothing imports it
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_unshadow_kernels()
+
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it (dynamic version), `llmquant --version` prints it
 __all__ = [
     "CalibrationSet",
     "QuantConfig",

@@ -165,7 +165,7 @@ def precompute_packed(
     scaling; under rotations also the embedding and the head, which a tied source lacks), and
     the calibration record (dataset, samples, tokens, seed).
 
-    calibration: default `load_calibration(tokenizer of src)` (the C4 sample); a callable is called
+    calibration: default `load_calibration(tokenizer of src)` (c4 from the Hub); a callable is called
     here, so that a caller can defer loading it until the plan is checked.
     """
     from transformers import AutoTokenizer

@@ -72,7 +72,7 @@ def quantize_checkpoint(
 
     Calibrated methods (gptq, clip) compute every packed tensor first from the float model on
     CPU (`calibrated_checkpoint.py`; `calibration`: a CalibrationSet or a callable returning one,
-    called once the plan is checked; default the C4 sample);
+    called once the plan is checked; default c4 from the Hub);
     the loop below then writes those instead of quantizing."""
     start = time.perf_counter()
     out = Path(out).expanduser()

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import first_line
+from .errors import first_line, missing_module
 
 EXIT_BAD_INPUT = 2
 FORMATS = ("llmquant", "compressed-tensors", "gptq")  # llmquant.formats.FORMAT_NAMES, without importing torch
@@ -145,16 +145,16 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="llmquant", description="Weight-only quantization for Hugging Face LLMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_quantize_parser(subparsers)
     _add_convert_parser(subparsers)
-    try:
-        from .evals import cli as eval_cli
-    except ImportError:  # the eval extra (datasets, matplotlib) is not installed
-        eval_cli = None
-    if eval_cli is not None:
-        eval_cli.add_parser(subparsers)
+    from .evals import cli as eval_cli
+
+    eval_cli.add_parser(subparsers)
     return parser
 
 
@@ -171,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return eval_cli.run(args)
     except (ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"llmquant {args.command}: error: {first_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModuleNotFoundError as error:  # a dependency missing from the environment: say how to install it
+        top = (error.name or "").partition(".")[0]
+        message = missing_module(top) if top and top != "llmquant" else None
+        if message is None:
+            raise  # our own module, or one that exists but failed inside: a bug, keep the traceback
+        print(f"llmquant {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("llmquant: interrupted", file=sys.stderr)
