@@ -3,9 +3,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch  # noqa: E402
+import torch
 
-import llmquant  # noqa: E402,F401  (first: it keeps the checkout's kernels/ from shadowing the `kernels` package)
+import llmquant  # noqa: F401  (it keeps the checkout's kernels/ from shadowing the `kernels` package)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
