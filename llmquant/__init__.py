@@ -19,25 +19,28 @@ import _llmquant_autoload
 
 
 def _unshadow_kernels() -> None:
-    """Run from a source checkout's root (`python -m ...`, pytest), the checkout's kernels/ folder
-    (installed as llmquant.kernels) would be found as the top-level `kernels` package, which
+    """Run from a source checkout's root (`python -m ...`, `-c`, pytest), the checkout's kernels/
+    folder (installed as llmquant.kernels) would be found as the top-level `kernels` package, which
     transformers >= 5.25 imports from the Hub's `kernels` distribution ("cannot import name
-    'CUDAProperties' from 'kernels'"). Import the installed one first, with that root off the path."""
-    from importlib.util import find_spec
+    'CUDAProperties' from 'kernels'"). Bind the name to the installed one, loaded lazily so that
+    `import llmquant` stays cheap."""
+    from importlib.machinery import PathFinder
+    from importlib.util import LazyLoader, find_spec, module_from_spec
     from pathlib import Path
 
+    if "kernels" in sys.modules:
+        return
     root = Path(__file__).resolve().parents[1]
-    spec = find_spec("kernels") if "kernels" not in sys.modules else None
+    spec = find_spec("kernels")
     if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != root / "kernels":
         return
-    saved = sys.path[:]
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:  # not installed (older transformers): then nothing imports it
-        pass
-    finally:
-        sys.path[:] = saved
+    installed = PathFinder.find_spec("kernels", [p for p in sys.path if Path(p or ".").resolve() != root])
+    if installed is None or installed.loader is None:
+        return  # not installed (older transformers): then nothing imports it
+    installed.loader = LazyLoader(installed.loader)
+    module = module_from_spec(installed)
+    sys.modules["kernels"] = module
+    installed.loader.exec_module(module)
 
 
 _unshadow_kernels()
