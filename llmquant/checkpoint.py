@@ -82,10 +82,14 @@ def quantize_checkpoint(
     files = weight_files(source)
     skeleton = quantizable_weights(source, config)
     targets = skeleton.targets
-    saved_config = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": skeleton.skip})
+    # llmquant's own config keeps the names as given (suffixes match); GPTQ and compressed-tensors
+    # readers match full module names, so those formats get every float linear by its full name.
+    kept = skeleton.skip if fmt == "llmquant" else skeleton.float_linears
+    saved_config = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": kept})
     source_specs = tensor_specs(files)
     check_shapes(source_specs, skeleton, source / "config.json")
     layout = get_format(fmt)
+    layout.check_model(list(targets.values()), kept)
     specs = output_specs(source_specs, targets, config, fmt)
     precomputed, changed, added = {}, {}, {}
     if get_method(config.method).calibrated:
@@ -127,11 +131,14 @@ def quantize_checkpoint(
             summary.params_total += value.numel()
         writer.close()
         summary.bytes_after = writer.total_bytes
-        model_config["quantization_config"] = layout.quantization_config(saved_config)
+        model_config["quantization_config"] = layout.quantization_config(saved_config, list(targets.values()))
         if added:  # the head has its own tensor now
             model_config["tie_word_embeddings"] = False
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         copy_side_files(source, staging)
-        write_model_card(staging / "README.md", base_model=src, config=saved_config, summary=summary, fmt=fmt)
+        write_model_card(
+            staging / "README.md", base_model=src, config=saved_config, summary=summary, fmt=fmt,
+            quantization_config=model_config["quantization_config"],
+        )
     summary.seconds = time.perf_counter() - start
     return summary

@@ -10,7 +10,7 @@ shapes can never drift from what loading expects.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ class Skeleton:
     skip: list[str]
     shapes: dict[str, tuple[int, ...]]
     optional: list[str]
+    float_linears: list[str] = field(default_factory=list)  # full names of the linears kept in float
 
 
 def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
@@ -53,7 +54,10 @@ def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
     # model class itself says may be missing.
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     optional = [re.escape(name) for name in tied] + list(model._keys_to_ignore_on_load_missing or [])
-    return Skeleton({f"{name}.weight": name for name, _ in layers}, modules_to_skip(model, config), shapes, optional)
+    quantized = {name for name, _ in layers}
+    float_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+    targets = {f"{name}.weight": name for name, _ in layers}
+    return Skeleton(targets, modules_to_skip(model, config), shapes, optional, float_linears)
 
 
 def check_shapes(source: list[TensorSpec], skeleton: Skeleton, config_path: Path) -> None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantConfig
 from ..errors import CheckpointError
-from ..modelcard import write_model_card
+from ..modelcard import card_base_model, write_model_card
 from ..publish import check_output, copy_side_files, staged_output
 from ..shards import ShardedWriter, TensorSpec, parse_size
 from ..source import resolve_source, tensor_specs, weight_files
@@ -140,6 +140,7 @@ def plan(
     a layer emitted where its first tensor was. Checks every layer against the target first."""
     for layer in layers.values():
         target.check_layer(layer.module, layer.n, layer.k, config)
+    target.check_model(list(layers), config.modules_to_not_convert or [])
     owner = {name: layer for layer in layers.values() for name in layer.members.values()}
     by_name = {spec.name: spec for spec in specs}
     out, steps, done = [], [], set()
@@ -217,9 +218,12 @@ def convert_checkpoint(
         bar.close()
         writer.close()
         summary.bytes_after = writer.total_bytes
-        model_config["quantization_config"] = target.quantization_config(config)
+        model_config["quantization_config"] = target.quantization_config(config, list(layers))
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         copy_side_files(source_dir, staging)
-        write_model_card(staging / "README.md", base_model=src, config=config, summary=None, fmt=target.NAME)
+        write_model_card(
+            staging / "README.md", base_model=card_base_model(source_dir, src), config=config, summary=None,
+            fmt=target.NAME, quantization_config=model_config["quantization_config"], converted_from=src,
+        )
     summary.seconds = time.perf_counter() - start
     return summary
