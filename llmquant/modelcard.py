@@ -91,7 +91,7 @@ def write_model_card(
 """
     converted = ""
     if converted_from:
-        converted = f"\nRewritten without re-quantizing (`llmquant convert`) from the quantized folder `{converted_from}`.\n"
+        converted = f"\nRewritten without re-quantizing from `{converted_from}`.\n"
     body = f"""
 # {Path(base_model).name} — int{config.bits}, group size {group} ({fmt} format)
 

@@ -56,7 +56,7 @@ def test_independent_gptq_reader_gets_llmquant_weights(bits, group, sym, dtype):
     packed, dense = _layer(bits, group, sym, dtype)
     tensors = gptq.export_layer("l", packed, 96, 256, config)
     assert tensors["qzeros"].shape == (packed["scales"].shape[0], 96 * bits // 32)
-    assert torch.equal(dequantize_gptq(tensors, bits).to(dtype), dense)
+    assert torch.equal(dequantize_gptq(tensors, bits, gptq.checkpoint_format(config)).to(dtype), dense)
 
 
 @pytest.mark.parametrize("bits,group,sym,dtype", CASES)
@@ -69,7 +69,7 @@ def test_layer_round_trips_are_bit_exact(bits, group, sym, dtype):
         assert [(s.name, s.dtype, s.shape) for s in specs] == [
             (f"l.{k}", v.dtype, tuple(v.shape)) for k, v in tensors.items()
         ]
-        back = fmt.import_layer("l", tensors, 96, 256, config, {})
+        back = fmt.import_layer("l", tensors, 96, 256, config, {"checkpoint_format": gptq.checkpoint_format(config)})
         assert back.keys() == packed.keys()
         assert all(torch.equal(back[k], packed[k]) for k in packed)
 
@@ -84,8 +84,12 @@ def test_not_expressible_layers_are_refused_with_the_layer_name():
         "scales": torch.ones(1, 8, dtype=torch.float16),
         "qzeros": torch.zeros(1, 8, dtype=torch.uint8),
     }
-    with pytest.raises(FormatError, match="zero point 0"):
-        gptq.export_layer("q", packed, 8, 256, QuantConfig(bits=4, group_size=-1))
+    # a zero point of 0 (an all-non-negative group) has no v1 form (zero - 1); asymmetric exports are v2
+    config = QuantConfig(bits=4, group_size=-1)
+    tensors = gptq.export_layer("q", packed, 8, 256, config)
+    assert gptq.quantization_config(config)["checkpoint_format"] == "gptq_v2"
+    back = gptq.import_layer("q", tensors, 8, 256, config, {"checkpoint_format": "gptq_v2"})
+    assert torch.equal(back["qzeros"], packed["qzeros"])
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,9 @@ def vllm_path(fmt: str, config: QuantConfig) -> str | None:
     if config.bits == 4:
         hopper = "Machete with zero points on Hopper" if machete else "Marlin with zero points on Hopper"
         return f"{hopper}, Marlin with zero points on Ampere/Ada"
-    return "Machete with zero points on Hopper only (no Ampere/Ada kernel for int8 with zero points)" if machete else None
+    if not machete:
+        return None
+    return "Machete with zero points on Hopper only (no Ampere/Ada kernel for int8 with zero points)"
 
 
 def serving_warnings(config: QuantConfig) -> list[str]:

@@ -47,7 +47,8 @@ def load_help(config: QuantConfig) -> str:
     if config.sym:
         lines.append(f"- SGLang: {launch};")
         lines.append(
-            '- transformers (with `compressed-tensors` installed): `AutoModelForCausalLM.from_pretrained("THIS_FOLDER_OR_REPO")`;'
+            "- transformers (with `compressed-tensors` installed): "
+            '`AutoModelForCausalLM.from_pretrained("THIS_FOLDER_OR_REPO")`;'
         )
     else:
         lines.append(f"- SGLang: {launch} (releases from 2026 on; older ones read symmetric layers only);")

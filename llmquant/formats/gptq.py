@@ -182,12 +182,12 @@ def quantization_config(config: QuantConfig, quantized: Sequence[str] = ()) -> d
         "group_size": config.group_size,
         "desc_act": False,
         "sym": config.sym,
-        "static_groups": False,
-        "true_sequential": True,
         "lm_head": False,
+        "method": "gptq",  # GPTQModel's quantization method field (what the kernels read), not llmquant's
         "checkpoint_format": checkpoint_format(config),
+        "format": checkpoint_format(config),  # GPTQModel writes both spellings
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"llmquant:{__version__}"], "method": config.method},
+        "meta": {"quantizer": [f"llmquant:{__version__}"], "method": config.method, "static_groups": False},
     }
     in_blocks = [name for name in kept if block_relative(name)]
     if in_blocks:
@@ -213,7 +213,7 @@ def parse_config(quantization_config: dict) -> QuantConfig:
         changed = {k: v for k, v in (override or {}).items() if qc.get(k) != v}
         if not rule.startswith("-:") and changed:
             raise FormatError(
-                f"GPTQ 'dynamic' rule {rule!r} overrides {sorted(changed)}: mixed-precision GPTQ is not read by llmquant"
+                f"GPTQ 'dynamic' rule {rule!r} overrides {sorted(changed)}: llmquant does not read mixed-precision GPTQ"
             )
     if qc.get("lm_head"):
         raise FormatError("GPTQ checkpoints with a quantized lm_head are not read by llmquant")

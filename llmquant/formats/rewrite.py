@@ -190,7 +190,13 @@ def convert_checkpoint(
     layers = find_layers(specs, source, shapes)
     parsed = source.parse_config(source_qc)
     kept = sorted(name for name in shapes if name not in layers)
-    method = source_qc.get("method") or (source_qc.get("meta") or {}).get("method") or "rtn"
+    # llmquant's method as llmquant wrote it (GPTQ: meta.method, the top-level `method` being GPTQModel's)
+    method = (
+        (source_qc.get("meta") or {}).get("method")
+        or (source_qc.get("provenance") or {}).get("method")
+        or source_qc.get("method")
+        or "rtn"
+    )
     config = QuantConfig(
         bits=parsed.bits, group_size=parsed.group_size, sym=parsed.sym, method=method, modules_to_not_convert=kept
     )
