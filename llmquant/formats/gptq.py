@@ -151,9 +151,16 @@ def block_relative(module: str) -> tuple[str, str] | None:
 
 
 def check_model(quantized: Sequence[str], kept: Sequence[str]) -> None:
-    """Refuse float linears that `modules_in_block_to_quantize` cannot express: transformers
-    (optimum) quantizes, in every block, every linear whose block-relative name it lists, so a
-    name quantized in one block must be quantized in all."""
+    """Refuse what transformers' GPTQ loader (optimum) would load wrong: a quantized output head
+    (optimum keeps `lm_head` a float Linear, so its packed tensors would go unread), and float
+    linears `modules_in_block_to_quantize` cannot express (optimum quantizes, in every block,
+    each linear whose block-relative name it lists: a name quantized in one block must be
+    quantized in all). `quantized` and `kept` are full module names."""
+    if "lm_head" in quantized:
+        raise FormatError(
+            "lm_head: a quantized output head (lm_head: true) is not read by transformers' GPTQ loader (optimum); "
+            "keep it in float (add lm_head to --skip) or export to compressed-tensors"
+        )
     inner_quantized = {rel[1] for rel in map(block_relative, quantized) if rel}
     for module in kept:
         rel = block_relative(module)
@@ -182,7 +189,7 @@ def quantization_config(config: QuantConfig, quantized: Sequence[str] = ()) -> d
         "group_size": config.group_size,
         "desc_act": False,
         "sym": config.sym,
-        "lm_head": False,
+        "lm_head": False,  # a quantized head is refused (check_model): optimum would not read it
         "method": "gptq",  # GPTQModel's quantization method field (what the kernels read), not llmquant's
         "checkpoint_format": checkpoint_format(config),
         "format": checkpoint_format(config),  # GPTQModel writes both spellings
@@ -215,8 +222,6 @@ def parse_config(quantization_config: dict) -> QuantConfig:
             raise FormatError(
                 f"GPTQ 'dynamic' rule {rule!r} overrides {sorted(changed)}: llmquant does not read mixed-precision GPTQ"
             )
-    if qc.get("lm_head"):
-        raise FormatError("GPTQ checkpoints with a quantized lm_head are not read by llmquant")
     return QuantConfig(bits=qc["bits"], group_size=qc.get("group_size", 128), sym=bool(qc.get("sym", True)))
 
 
