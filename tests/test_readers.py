@@ -67,7 +67,10 @@ def reader_refuses(name: str, reader: str) -> bool:
 
 @pytest.fixture(scope="module")
 def reader_python() -> str:
-    """The reader environment's interpreter (built by scripts/reader-env on first use: minutes)."""
+    """The reader environment's interpreter (built by scripts/reader-env on first use: minutes), or
+    LLMQUANT_READER_PYTHON: an interpreter of an environment without llmquant made by hand."""
+    if os.environ.get("LLMQUANT_READER_PYTHON"):
+        return os.environ["LLMQUANT_READER_PYTHON"]
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "VIRTUAL_ENV", "PYTHONPATH")}
     done = subprocess.run([str(ROOT / "scripts" / "reader-env")], capture_output=True, text=True, env=env,
                           timeout=1800)
