@@ -61,7 +61,7 @@ def load(folder: str, reader: str, dtype: torch.dtype, tokens: torch.Tensor) -> 
                 from transformers import AutoModelForCausalLM
 
                 model, info = AutoModelForCausalLM.from_pretrained(
-                    folder, dtype=dtype, device_map="cpu", output_loading_info=True
+                    folder, dtype=dtype, output_loading_info=True
                 )
                 report["loading_info"] = {k: sorted(map(str, v)) for k, v in info.items()}
             else:
