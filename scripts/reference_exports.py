@@ -4,7 +4,10 @@ Run in an environment WITHOUT llmquant that has llm-compressor (compressed-tenso
 GPTQModel (GPTQ) installed, e.g.:
 
     python3 -m venv /tmp/ref && /tmp/ref/bin/pip install torch==2.13.0 llmcompressor gptqmodel
-    /tmp/ref/bin/python scripts/reference_exports.py --out /tmp/reference --writers llmcompressor gptqmodel
+    GPTQMODEL_CPU_WORKERS=2 /tmp/ref/bin/python scripts/reference_exports.py --out /tmp/reference
+
+(run it from a scratch folder's parent if you mind GPTQModel's `logs/` folder in the working
+directory; GPTQModel 7.7 needs GPTQMODEL_CPU_WORKERS >= 2 on a 1-2 core machine.)
 
 For the tiny random Llama of tests/tiny_llama.py (fp16) it writes, per scheme, a folder and one
 entry of tests/data/reference_structure.json: every tensor's name, dtype and shape, the
