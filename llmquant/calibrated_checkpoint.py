@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibration import CalibrationSet, load_calibration
+from .calibration import CalibrationSet, check_seqlen_for, load_calibration
 from .config import QuantConfig
 from .errors import first_line
 from .methods import get_method
@@ -178,6 +178,7 @@ def precompute_packed(
         except Exception as error:
             raise ValueError(f"{src}: a calibrated method needs the model's tokenizer: {first_line(error)}") from None
         calibration = load_calibration(tokenizer)
+    check_seqlen_for(src, calibration.tokens.shape[1])
     map_large_allocations()
     model = skeleton(src)
     prefix, _ = decoder_blocks(model)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .calibrated_checkpoint import precompute_packed
-from .calibration import check_seqlen_for
+from .calibration import CalibrationSet, check_seqlen_for
 from .config import QuantConfig
 from .errors import CheckpointError
 from .formats import get_format
@@ -82,15 +82,20 @@ def quantize_checkpoint(
     model_config = read_config(source)
     check_output(out, source, overwrite)
     side_files(source)  # a link out of the source is refused now, not after the work
-    if calibration is not None and get_method(config.method).calibrated:
+    # a callable is checked once called (calibrated_checkpoint)
+    if isinstance(calibration, CalibrationSet) and get_method(config.method).calibrated:
         check_seqlen_for(source, calibration.tokens.shape[1])
     files = weight_files(source)
     skeleton = quantizable_weights(source, config)
     targets = skeleton.targets
-    saved_config = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": skeleton.skip})
+    # llmquant's own config keeps the names as given (suffixes match); GPTQ and compressed-tensors
+    # readers match full module names, so those formats get every float linear by its full name.
+    kept = skeleton.skip if fmt == "llmquant" else skeleton.float_linears
+    saved_config = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": kept})
     source_specs = tensor_specs(files)
     check_shapes(source_specs, skeleton, source / "config.json")
     layout = get_format(fmt)
+    layout.check_model(list(targets.values()), kept)
     # a Conv1D weight [K, N] is planned, quantized and written as the linear weight [N, K] it is
     as_linear = [
         TensorSpec(spec.name, spec.dtype, spec.shape[::-1]) if spec.name in skeleton.transposed else spec
@@ -139,11 +144,14 @@ def quantize_checkpoint(
             summary.params_total += value.numel()
         writer.close()
         summary.bytes_after = writer.total_bytes
-        model_config["quantization_config"] = layout.quantization_config(saved_config)
+        model_config["quantization_config"] = layout.quantization_config(saved_config, list(targets.values()))
         if added:  # the head has its own tensor now
             model_config["tie_word_embeddings"] = False
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         copy_side_files(source, staging)
-        write_model_card(staging / "README.md", base_model=src, config=saved_config, summary=summary, fmt=fmt)
+        write_model_card(
+            staging / "README.md", base_model=src, config=saved_config, summary=summary, fmt=fmt,
+            quantization_config=model_config["quantization_config"],
+        )
     summary.seconds = time.perf_counter() - start
     return summary

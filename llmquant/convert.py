@@ -18,9 +18,23 @@ def default_skip(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if head is not None and module is head]
 
 
+def tied_linears(model: nn.Module) -> list[str]:
+    """Names of the linears sharing their weight with an embedding (a tied head): never quantized."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module.weight) in embedding_weights
+    ]
+
+
 def modules_to_skip(model: nn.Module, config: QuantConfig) -> list[str]:
+    """The modules kept in floating point: modules_to_not_convert (the output head when None),
+    plus a head tied to the embedding, which follows the embedding whatever the list says (a
+    config naming it "quantized" would describe tensors no checkpoint can hold)."""
     skip = config.modules_to_not_convert
-    return default_skip(model) if skip is None else list(skip)
+    skip = default_skip(model) if skip is None else list(skip)
+    return skip + [name for name in tied_linears(model) if not is_skipped(name, skip)]
 
 
 def is_skipped(name: str, skip: list[str]) -> bool:
@@ -46,7 +60,7 @@ def check_skip_matches(model: nn.Module, config: QuantConfig) -> None:
 def linear_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs the config quantizes, in model order: nn.Linear and transformers'
     Conv1D (GPT-2; a transposed linear, see llmquant.families)."""
-    skip = modules_to_skip(model, config)
+    skip = modules_to_skip(model, config)  # includes a tied head
     # A linear sharing its weight with an embedding (tied head) must stay a float tensor.
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [

@@ -34,6 +34,7 @@ class Skeleton:
     optional: list[str]
     # target weights stored [K, N] (transformers' Conv1D): quantized as their transpose
     transposed: set[str] = field(default_factory=set)
+    float_linears: list[str] = field(default_factory=list)  # full names of the linears kept in float
 
 
 def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
@@ -59,12 +60,17 @@ def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
         )
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     transposed = {f"{name}.weight" for name, module in layers if families.transposed(module)}
+    quantized = {name for name, _ in layers}
+    float_linears = [
+        name for name, module in model.named_modules() if families.is_linear(module) and name not in quantized
+    ]
     return Skeleton(
         {f"{name}.weight": name for name, _ in layers},
         modules_to_skip(model, config),
         shapes,
         may_be_missing(model),
         transposed,
+        float_linears,
     )
 
 

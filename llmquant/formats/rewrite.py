@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..config import QuantConfig
 from ..errors import CheckpointError
 from ..families import is_linear, linear_features
-from ..modelcard import write_model_card
+from ..modelcard import card_base_model, write_model_card
 from ..plan import Skeleton, check_shapes, may_be_missing
 from ..publish import check_output, copy_side_files, side_files, staged_output
 from ..shards import ShardedWriter, TensorSpec, parse_size
@@ -164,6 +164,7 @@ def plan(
     a layer emitted where its first tensor was. Checks every layer against the target first."""
     for layer in layers.values():
         target.check_layer(layer.module, layer.n, layer.k, config)
+    target.check_model(list(layers), config.modules_to_not_convert or [])
     owner = {name: layer for layer in layers.values() for name in layer.members.values()}
     by_name = {spec.name: spec for spec in specs}
     out, steps, done = [], [], set()
@@ -220,7 +221,13 @@ def convert_checkpoint(
     )
     parsed = source.parse_config(source_qc)
     kept = sorted(name for name in shapes if name not in layers)
-    method = source_qc.get("method") or (source_qc.get("meta") or {}).get("method") or "rtn"
+    # llmquant's method as llmquant wrote it (GPTQ: meta.method, the top-level `method` being GPTQModel's)
+    method = (
+        (source_qc.get("meta") or {}).get("method")
+        or (source_qc.get("provenance") or {}).get("method")
+        or source_qc.get("method")
+        or "rtn"
+    )
     config = QuantConfig(
         bits=parsed.bits, group_size=parsed.group_size, sym=parsed.sym, method=method, modules_to_not_convert=kept
     )
@@ -250,9 +257,12 @@ def convert_checkpoint(
         bar.close()
         writer.close()
         summary.bytes_after = writer.total_bytes
-        model_config["quantization_config"] = target.quantization_config(config)
+        model_config["quantization_config"] = target.quantization_config(config, list(layers))
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         copy_side_files(source_dir, staging)
-        write_model_card(staging / "README.md", base_model=src, config=config, summary=None, fmt=target.NAME)
+        write_model_card(
+            staging / "README.md", base_model=card_base_model(source_dir, src), config=config, summary=None,
+            fmt=target.NAME, quantization_config=model_config["quantization_config"], converted_from=src,
+        )
     summary.seconds = time.perf_counter() - start
     return summary
