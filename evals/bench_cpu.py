@@ -1,6 +1,6 @@
 """CPU figures of the core: decode and prefill speed against float32, idle and under load; ops per step.
 
-    python -m llmquant.evals.bench_cpu [--quick] [--model DIR] [--out evals/results]
+    python -m llmquant.evals.bench_cpu --dataset wikitext-2-raw-v1-test.jsonl [--quick] [--model DIR]
 
 On SmolLM2-135M (default: the fp16 folder made by scripts/prepare_smollm2.py), int8 g128 and
 int4 g128 checkpoints written by `llmquant quantize` and loaded with a plain `from_pretrained`
@@ -35,10 +35,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import llmquant
 from llmquant.linear import QuantLinear
 
-from .meta import REPO, console_table, environment, markdown_table
+from . import EvalError
+from .data import load_text
+from .meta import REPO, RESULTS, console_table, environment, markdown_table
 
 CONFIGS = {"int8-g128": llmquant.QuantConfig(bits=8, group_size=128), "int4-g128": llmquant.QuantConfig(bits=4)}
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-v1-test.jsonl"
 VIEW_OPS = {
     "aten::view",
     "aten::reshape",
@@ -184,7 +185,10 @@ def count_ops(model, prompt: torch.Tensor) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="fp16 model folder (default: SmolLM2-135M)")
-    parser.add_argument("--out", type=Path, default=REPO / "evals" / "results")
+    parser.add_argument(
+        "--dataset", default="wikitext2", help="WikiText-2 test: wikitext2 from the Hub, or its rows as a local .jsonl"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and tokens (development, noisy)")
     parser.add_argument("--rounds", type=int, default=None, help="decode rounds (default 5, quick 2)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per decode round (default 32, quick 8)")
@@ -193,13 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     new_tokens = args.new_tokens or (8 if args.quick else 32)
     prefill_rounds = 1 if args.quick else 3
     error_tokens = 512 if args.quick else 2048
+    try:
+        text = load_text(args.dataset)
+    except EvalError as error:
+        parser.error(str(error))
     if args.model is None:
+        if REPO is None:  # scripts/ is not installed with the package
+            parser.error("--model is required outside the source checkout (its scripts/prepare_smollm2.py makes it)")
         sys.path.insert(0, str(REPO / "scripts"))
         from prepare_smollm2 import prepare
 
         args.model = prepare()
-    rows = [json.loads(line)["text"] for line in WIKITEXT.open()]
-    tokens = AutoTokenizer.from_pretrained(args.model)("\n\n".join(rows), return_tensors="pt").input_ids[:, :2048]
+    tokens = AutoTokenizer.from_pretrained(args.model)(text, return_tensors="pt").input_ids[:, :2048]
     prompt, prefill = tokens[:, :32], tokens[:, :512]
 
     models = {"float32": AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()}

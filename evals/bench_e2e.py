@@ -16,8 +16,12 @@ group_size=128))` and measures again, so both runs share weights, prompt and tre
 * prefill: one eager forward over `--prefill-tokens` (2048) tokens, median of a few runs;
 * weight memory (parameters + buffers) and peak allocated memory.
 
-Writes `bench_e2e-<gpu>.json` and `.md` under `evals/results/` (or --out). Needs a CUDA device;
-`--layers 2` makes a smoke run.
+Writes `bench_e2e-<gpu>.json` and `.md` under `evals/results/` (or --out), rewritten (atomically)
+after every measurement in the order graph decode, eager generate, prefill (fp16, then int4), so a
+run killed by a time limit leaves what it measured. Needs a CUDA device; `--layers 2` makes a smoke
+run. `--dry-run` needs none: a tiny Llama on CPU, int4 through the Triton interpreter, every
+measurement executed with a few tokens (the decode step eagerly: no CUDA graph on CPU), files named
+`bench_e2e-dryrun-<cpu>` with `"dry_run": true` (CPU wall times, not GPU figures).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 
 import llmquant
 
-from .meta import RESULTS, console_table, environment, require_cuda, write_results
+from .meta import RESULTS, console_table, environment, require_cuda
 
 LLAMA2_7B = dict(
     vocab_size=32000,
@@ -159,11 +163,13 @@ def eager_generate_rate(model, new_tokens: int, prompt_len: int = 16) -> float:
     kwargs = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, disable_compile=True
     )
-    model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up, tuning
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    warm = min(4, new_tokens)
+    model.generate(prompt, **{**kwargs, "max_new_tokens": warm, "min_new_tokens": warm})  # warm-up, tuning
+    sync()
     start = time.perf_counter()
     model.generate(prompt, **kwargs)
-    torch.cuda.synchronize()
+    sync()
     return new_tokens / (time.perf_counter() - start)
 
 
@@ -185,26 +191,31 @@ def prefill_ms(model, tokens: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def measure(model, name: str, args, copy_gbps: float) -> dict:
-    torch.cuda.reset_peak_memory_stats()
+def measure(model, name: str, args, copy_gbps: float, save) -> dict:
+    """The measurements of one model, most important first; `save(rec)` after each one."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     weight_bytes = llmquant.model_size_bytes(model)
-    prefill = prefill_ms(model, args.prefill_tokens)
-    prompt = torch.randint(100, model.config.vocab_size, (1, 16), device="cuda")
-    _, graph_ms = static_decode(model, prompt, args.decode_tokens, use_graph=True)
-    eager_rate = eager_generate_rate(model, args.eager_tokens)
-    rec = {
-        "model": name,
-        "graph_ms_per_token": graph_ms,
-        "graph_tok_s": 1e3 / graph_ms,
-        "bound_ms_per_token": weight_bytes / (copy_gbps * 1e9) * 1e3,
-        "eager_generate_tok_s": eager_rate,
-        "prefill_ms": prefill,
-        "prefill_tok_s": args.prefill_tokens / prefill * 1e3,
-        "weight_bytes": weight_bytes,
-        "peak_alloc_bytes": torch.cuda.max_memory_allocated(),
-    }
+    rec = {"model": name, "weight_bytes": weight_bytes, "bound_ms_per_token": weight_bytes / (copy_gbps * 1e9) * 1e3}
+    prompt = torch.randint(100, model.config.vocab_size, (1, 16), device=device)
+    start = time.perf_counter()
+    _, graph_ms = static_decode(model, prompt, args.decode_tokens, use_graph=cuda)
+    if graph_ms is None:  # dry run: the same step eagerly on CPU, wall time (prefill and warm-up included)
+        graph_ms = (time.perf_counter() - start) * 1e3 / args.decode_tokens
+    rec.update(graph_ms_per_token=graph_ms, graph_tok_s=1e3 / graph_ms)
+    save(rec)
+    rec["eager_generate_tok_s"] = eager_generate_rate(model, args.eager_tokens)
+    save(rec)
+    prefill = prefill_ms(model, args.prefill_tokens, repeats=args.prefill_repeats)
+    rec.update(prefill_ms=prefill, prefill_tok_s=args.prefill_tokens / prefill * 1e3)
+    if cuda:
+        rec["peak_alloc_bytes"] = torch.cuda.max_memory_allocated()
+    save(rec)
     if args.hf_compile:
         rec["hf_compiled_generate_tok_s"] = decode_rate(model, args.decode_tokens, eager=False)
+        save(rec)
     return rec
 
 
@@ -214,17 +225,33 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+def _f(value, spec: str, scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(value / scale, spec)
+
+
 def row(r: dict) -> list[str]:
     return [
         r["model"],
-        f"{r['graph_ms_per_token']:.2f}",
-        f"{r['bound_ms_per_token']:.2f}",
-        f"{r['graph_tok_s']:.1f}",
-        f"{r['eager_generate_tok_s']:.1f}",
-        f"{r['prefill_ms']:.1f}",
-        f"{r['weight_bytes'] / 1e9:.2f}",
-        f"{r['peak_alloc_bytes'] / 1e9:.2f}",
+        _f(r.get("graph_ms_per_token"), ".2f"),
+        _f(r.get("bound_ms_per_token"), ".2f"),
+        _f(r.get("graph_tok_s"), ".1f"),
+        _f(r.get("eager_generate_tok_s"), ".1f"),
+        _f(r.get("prefill_ms"), ".1f"),
+        _f(r.get("weight_bytes"), ".2f", 1e9),
+        _f(r.get("peak_alloc_bytes"), ".2f", 1e9),
     ]
+
+
+def _ratio(a: dict, b: dict, key: str, invert: bool = False) -> float | None:
+    """fp16 a over int4 b for a time (or b over a for a rate, invert=True); None until both exist."""
+    if a.get(key) is None or b.get(key) is None:
+        return None
+    return b[key] / a[key] if invert else a[key] / b[key]
+
+
+DRY_RUN_MODEL = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, vocab_size=512
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,55 +260,89 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=128, help="CUDA-graph decode steps timed")
     parser.add_argument("--eager-tokens", type=int, default=32, help="new tokens of the plain eager generate")
     parser.add_argument("--prefill-tokens", type=int, default=2048)
+    parser.add_argument("--prefill-repeats", type=int, default=5, help="timed prefills (median), after one untimed")
     parser.add_argument("--hf-compile", action="store_true", help="also time generate compiled by transformers")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown (%(default)s)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="no GPU: a tiny Llama on CPU, int4 through the Triton interpreter"
+    )
     args = parser.parse_args(argv)
-    require_cuda("bench_e2e")
+    from .bench_kernels import write_files
+
+    if args.dry_run:
+        from . import bench_kernels
+
+        bench_kernels.DEVICE = "cpu"
+        bench_kernels.dry_run_environment()
+        # The interpreter takes ~0.1-0.3 s per kernel launch: one block, a few tokens, every path once.
+        args.layers, args.decode_tokens, args.eager_tokens = 1, 2, 1
+        args.prefill_tokens, args.prefill_repeats, args.hf_compile = 16, 1, False
+        device, shape, overrides = "cpu", "tiny Llama (dry run)", DRY_RUN_MODEL
+    else:
+        require_cuda("bench_e2e")
+        device, shape, overrides = "cuda", "Llama-2-7B", {}
     from .bench_kernels import copy_bandwidth
 
-    env = environment()
+    env = environment(device)
     print(", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     copy_gbps = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s", flush=True)
+    results: list[dict] = []
+    title = f"{shape} shapes ({args.layers} layers), fp16 vs int4 g128, batch 1"
+    notes = []
+    if args.dry_run:
+        title = "DRY RUN (CPU, Triton interpreter, tiny model; no GPU figure): " + title
+        notes.append("Dry run: CPU wall times, decode step run eagerly (no CUDA graph); not GPU measurements.")
+    setup = {
+        "shape": shape,
+        "layers": args.layers,
+        "decode_tokens": args.decode_tokens,
+        "eager_tokens": args.eager_tokens,
+        "prefill_tokens": args.prefill_tokens,
+        "prefill_repeats": args.prefill_repeats,
+        "decode": "one decode step with a static cache captured in a CUDA graph, replayed; CUDA events",
+        "bound": "weight bytes / device-to-device copy bandwidth",
+        "eager": "generate, dynamic cache, no compile, prefill included",
+        "prefill": "eager forward, logits_to_keep=1",
+    }
+    stem = "bench_e2e-dryrun" if args.dry_run else "bench_e2e"
+    paths = []
+
+    def save(rec: dict | None = None) -> None:
+        if rec is not None and (not results or results[-1] is not rec):
+            results.append(rec)
+        fp16 = next((r for r in results if r["model"] == "fp16"), {})
+        q = next((r for r in results if r["model"] == "int4-g128"), {})
+        payload = {
+            "env": env,
+            "dry_run": args.dry_run,
+            "copy_gbps": copy_gbps,
+            "setup": setup,
+            "results": results,
+            "decode_speedup": _ratio(fp16, q, "graph_ms_per_token"),
+            "eager_generate_speedup": _ratio(fp16, q, "eager_generate_tok_s", invert=True),
+            "prefill_speedup": _ratio(fp16, q, "prefill_ms"),
+            "notes": notes,
+        }
+        paths[:] = write_files(args.out, stem, payload, COLUMNS, [row(r) for r in results], title)
+
     torch.manual_seed(0)
-    model = build_model(args.layers)
-    results = [measure(model, "fp16", args, copy_gbps)]
+    model = build_model(args.layers, device=device, **overrides)
+    measure(model, "fp16", args, copy_gbps, save)
     print(console_table(COLUMNS, [row(results[-1])]), flush=True)
     llmquant.quantize_(model, llmquant.QuantConfig(bits=4, group_size=128))
     replaced = sum(isinstance(m, llmquant.QuantLinear) for m in model.modules())
     # Drop the fp16 run's compiled graphs so an --hf-compile int4 run compiles afresh.
     torch._dynamo.reset()
     model.__dict__.pop("_compiled_call", None)
-    torch.cuda.empty_cache()
-    results.append(measure(model, "int4-g128", args, copy_gbps))
-    results[-1]["quant_linear_layers"] = replaced
-    fp16, q = results
-    payload = {
-        "env": env,
-        "copy_gbps": copy_gbps,
-        "setup": {
-            "shape": "Llama-2-7B",
-            "layers": args.layers,
-            "decode_tokens": args.decode_tokens,
-            "eager_tokens": args.eager_tokens,
-            "prefill_tokens": args.prefill_tokens,
-            "decode": "one decode step with a static cache captured in a CUDA graph, replayed; CUDA events",
-            "bound": "weight bytes / device-to-device copy bandwidth",
-            "eager": "generate, dynamic cache, no compile, prefill included",
-            "prefill": "eager forward, logits_to_keep=1",
-        },
-        "results": results,
-        "decode_speedup": fp16["graph_ms_per_token"] / q["graph_ms_per_token"],
-        "eager_generate_speedup": q["eager_generate_tok_s"] / fp16["eager_generate_tok_s"],
-        "prefill_speedup": fp16["prefill_ms"] / q["prefill_ms"],
-    }
-    rows = [row(r) for r in results]
-    title = f"Llama-2-7B shapes ({args.layers} layers), fp16 vs int4 g128, batch 1"
-    paths = write_results(args.out, "bench_e2e", payload, COLUMNS, rows, title)
-    print("\n" + console_table(COLUMNS, rows))
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    measure(model, "int4-g128", args, copy_gbps, lambda rec: save(rec.update(quant_linear_layers=replaced) or rec))
+    print("\n" + console_table(COLUMNS, [row(r) for r in results]))
+    fp16, q = results[0], results[-1]
     print(
-        f"decode (CUDA graph) speedup {payload['decode_speedup']:.2f}x, eager generate "
-        f"{payload['eager_generate_speedup']:.2f}x, prefill {payload['prefill_speedup']:.2f}x"
+        f"decode (CUDA graph) speedup {_ratio(fp16, q, 'graph_ms_per_token'):.2f}x, eager generate "
+        f"{_ratio(fp16, q, 'eager_generate_tok_s', invert=True):.2f}x, prefill {_ratio(fp16, q, 'prefill_ms'):.2f}x"
     )
     print("wrote " + ", ".join(map(str, paths)))
     return 0

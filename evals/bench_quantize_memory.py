@@ -1,6 +1,6 @@
 """Peak memory of `llmquant quantize` (rtn streaming vs a calibrated method) on SmolLM2-135M.
 
-    python -m llmquant.evals.bench_quantize_memory [--model DIR] [--threads 2]
+    python -m llmquant.evals.bench_quantize_memory [--model DIR] [--threads 2] [--calib FILE]
         [--out evals/results/quantize-memory-smollm2] [--before earlier.json]
 
 Each command runs in a fresh child process; its peak resident memory is the kernel's VmHWM at
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["gptq"])
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--calib-seqlen", type=int, default=256)
+    parser.add_argument("--calib", default=None, help="calibration data passed to llmquant quantize (default: its own)")
     parser.add_argument("--label", default=None, help="a name for this run (recorded in the JSON)")
     parser.add_argument("--before", default=None, help="JSON of an earlier run to show beside this one")
     parser.add_argument("--out", default="evals/results/quantize-memory-smollm2")
@@ -123,6 +124,7 @@ def main() -> None:
         rows.append({"name": "rtn", **run_cli(rtn, args.threads)})
         for method in args.methods:
             calib = ["--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen)]
+            calib += ["--calib", args.calib] if args.calib else []
             cmd = ["quantize", str(model), "-o", f"{scratch}/{method}", "--method", method, "--quiet", *calib]
             rows.append({"name": method, **run_cli(cmd, args.threads)})
     payload = {

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmquant.cli import METHOD_NAMES
-from llmquant.errors import first_line
+from llmquant.errors import first_line, missing_module
 
 from . import EvalError
 
@@ -237,6 +237,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be at least 1, got {args.batch_size}")
     configs = parse_configs(args.configs) if args.configs else []
+    if args.report and (missing := missing_module("matplotlib", "--report (its PNG plot)")):
+        raise EvalError(missing)
     text = load_text(args.dataset, args.split, args.text_field)  # cheap failures first, before loading models
 
     # name -> (folder, QuantConfig or None, is_baseline)

@@ -8,12 +8,12 @@ tokens (the standard HF/GPTQ protocol: ``labels = input_ids`` shifted by one ins
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmquant.calibration import hub_offline
 from llmquant.errors import first_line, with_cause
 from llmquant.source import looks_like_path
 
@@ -22,10 +22,6 @@ from . import EvalError
 # Short names for the datasets of published tables: (hub path, config name, default split).
 KNOWN_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test")}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
-
-
-def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _column_text(ds, field: str, source: str) -> str:
@@ -75,10 +71,10 @@ def _load_local(path: Path, text_field: str) -> str:
 def _load_hub(hub: str, config: str | None, split: str, text_field: str, name: str) -> str:
     hint = (
         f"dataset {name!r} must come from the Hugging Face Hub, which is not reachable; pass a local file "
-        "instead (--dataset PATH.jsonl with a 'text' field, .txt or .parquet), e.g. "
-        "--dataset ../shared/data/wikitext-2-raw-v1-test.jsonl"
+        "instead: --dataset PATH (.jsonl/.json with a 'text' field, .txt or .parquet; for wikitext2, the "
+        "rows of wikitext/wikitext-2-raw-v1/test as JSON lines)"
     )
-    if _offline():  # fail fast: never let datasets retry the network
+    if hub_offline():  # fail fast: never let datasets retry the network
         raise EvalError(hint + " (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)")
     import datasets
 

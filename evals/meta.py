@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "evals" / "results"
+HERE = Path(__file__).resolve()
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -24,9 +23,21 @@ def _run(cmd: list[str]) -> str | None:
     return done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
 
 
+def _checkout() -> Path | None:
+    """The source checkout this module runs from (`pip install -e .`), asked of git; None for an
+    installed copy, whose site-packages may well lie inside some other repository (a project's .venv)."""
+    top = _run(["git", "-C", str(HERE.parent), "rev-parse", "--show-toplevel"])
+    return Path(top) if top and (Path(top) / "evals" / HERE.name).resolve() == HERE else None
+
+
+REPO = _checkout()
+# Benchmarks write here by default: the checkout's results folder, else evals/results under the working directory.
+RESULTS = (REPO or Path()) / "evals" / "results"
+
+
 def git_commit() -> str | None:
-    """HEAD of the checkout this file lives in, or None outside git."""
-    return _run(["git", "-C", str(REPO), "rev-parse", "HEAD"])
+    """HEAD of the llmquant checkout this file lives in, or None for an installed copy."""
+    return _run(["git", "-C", str(REPO), "rev-parse", "HEAD"]) if REPO else None
 
 
 def environment(device: torch.device | str | None = None) -> dict:

@@ -1,10 +1,11 @@
 """How much gptq-rot's perplexity depends on its random rotations: one config, several rotation seeds.
 
     python -m evals.rotation_seeds MODEL_DIR --config int3-g128-gptq-rot --seeds 0 1 2 \\
-        --dataset ../shared/data/wikitext-2-raw-v1-test.jsonl --out evals/results/rotation-seeds-smollm2
+        --dataset wikitext-2-raw-v1-test.jsonl --calib c4-calibration-sample.txt \\
+        --out evals/results/rotation-seeds-smollm2
 
 The rotations are Haar-random (`llmquant.methods.rotation.SEED`, 0 in the package); each seed
-quantizes the float model afresh with the default calibration set and is scored on the same
+quantizes the float model afresh with the calibration set (--calib) and is scored on the same
 windows as the float baseline of the same run (the issue-9 protocol: seqlen 2048, 16 windows,
 float32). Prints a table and writes OUT.json and OUT.md.
 """
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="int3-g128-gptq-rot")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--dataset", required=True)
+    p.add_argument("--calib", default=None, help="calibration data (default: c4 from the Hub; see llmquant quantize)")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--out", required=True)
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model)
     tokens = tokenize(tokenizer, load_text(args.dataset))
     windows = make_windows(tokens.numel(), args.seqlen, max_windows=args.max_windows)
-    calibration = llmquant.load_calibration(tokenizer)
+    calibration = llmquant.load_calibration(tokenizer, args.calib)
     device = torch.device("cpu")
     float_model = load_model(args.model, torch.float32, device)
     base = ppl(score({"float": float_model}, tokens, windows, progress=False)["float"])

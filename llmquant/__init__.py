@@ -17,7 +17,35 @@ from typing import Any
 
 import _llmquant_autoload
 
-__version__ = "0.1.0"
+
+def _unshadow_kernels() -> None:
+    """Run from a source checkout's root (`python -m ...`, `-c`, pytest), the checkout's kernels/
+    folder (installed as llmquant.kernels) would be found as the top-level `kernels` package, which
+    transformers >= 5.25 imports from the Hub's `kernels` distribution ("cannot import name
+    'CUDAProperties' from 'kernels'"). Bind the name to the installed one, loaded lazily so that
+    `import llmquant` stays cheap."""
+    from importlib.machinery import PathFinder
+    from importlib.util import LazyLoader, find_spec, module_from_spec
+    from pathlib import Path
+
+    if "kernels" in sys.modules:
+        return
+    root = Path(__file__).resolve().parents[1]
+    spec = find_spec("kernels")
+    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != root / "kernels":
+        return
+    installed = PathFinder.find_spec("kernels", [p for p in sys.path if Path(p or ".").resolve() != root])
+    if installed is None or installed.loader is None:
+        return  # not installed (older transformers): then nothing imports it
+    installed.loader = LazyLoader(installed.loader)
+    module = module_from_spec(installed)
+    sys.modules["kernels"] = module
+    installed.loader.exec_module(module)
+
+
+_unshadow_kernels()
+
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it (dynamic version), `llmquant --version` prints it
 __all__ = [
     "CalibrationSet",
     "QuantConfig",

@@ -18,13 +18,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .calibration import CalibrationSet, load_calibration
+from .calibration import CalibrationSet, check_seqlen_for, load_calibration
 from .config import QuantConfig
 from .conversion import Conversion, ConvertedReader
 from .errors import first_line
@@ -160,7 +160,7 @@ def precompute_packed(
     src: Path,
     config: QuantConfig,
     scale_dtype: torch.dtype,
-    calibration: CalibrationSet | None = None,
+    calibration: CalibrationSet | Callable[[], CalibrationSet] | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict]:
     """{"<module>.weight": packed tensors} for every quantized linear of the model in `src`,
@@ -168,16 +168,20 @@ def precompute_packed(
     scaling; under rotations also the embedding and the head, which a tied source lacks), and
     the calibration record (dataset, samples, tokens, seed).
 
-    calibration: default `load_calibration(tokenizer of src)` (the C4 sample).
+    calibration: default `load_calibration(tokenizer of src)` (c4 from the Hub); a callable is called
+    here, so that a caller can defer loading it until the plan is checked.
     """
     from transformers import AutoTokenizer
 
+    if callable(calibration):
+        calibration = calibration()
     if calibration is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(src)
         except Exception as error:
             raise ValueError(f"{src}: a calibrated method needs the model's tokenizer: {first_line(error)}") from None
         calibration = load_calibration(tokenizer)
+    check_seqlen_for(src, calibration.tokens.shape[1])
     map_large_allocations()
     model = skeleton(src)
     prefix, _ = decoder_blocks(model)

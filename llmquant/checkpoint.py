@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .calibrated_checkpoint import precompute_packed
+from .calibration import CalibrationSet, check_seqlen_for
 from .config import QuantConfig
 from .conversion import Conversion
 from .errors import CheckpointError
@@ -26,7 +27,7 @@ from .methods import get_method
 from .modelcard import write_model_card
 from .plan import check_shapes, expert_rows, output_specs, quantizable_weights
 from .progress import progress_bar
-from .publish import check_output, copy_side_files, staged_output
+from .publish import check_output, copy_side_files, side_files, staged_output
 from .quantize import quantize_weight
 from .shards import ShardedWriter, TensorSpec, parse_size
 from .source import TensorReader, iter_tensors, read_config, resolve_source, tensor_specs, weight_files
@@ -84,7 +85,8 @@ def quantize_checkpoint(
     format `fmt`: "llmquant", "gptq" or "compressed-tensors" (llmquant/formats/).
 
     Calibrated methods (gptq, clip) compute every packed tensor first from the float model on
-    CPU (`calibrated_checkpoint.py`; `calibration`: a CalibrationSet, default the C4 sample);
+    CPU (`calibrated_checkpoint.py`; `calibration`: a CalibrationSet or a callable returning one,
+    called once the plan is checked; default c4 from the Hub);
     the loop below then writes those instead of quantizing."""
     start = time.perf_counter()
     out = Path(out).expanduser()
@@ -93,17 +95,30 @@ def quantize_checkpoint(
     source = resolve_source(src)
     model_config = read_config(source)
     check_output(out, source, overwrite)
+    side_files(source)  # a link out of the source is refused now, not after the work
+    # a callable is checked once called (calibrated_checkpoint)
+    if isinstance(calibration, CalibrationSet) and get_method(config.method).calibrated:
+        check_seqlen_for(source, calibration.tokens.shape[1])
     files = weight_files(source)
     skeleton = quantizable_weights(source, config)
     targets = skeleton.targets
-    saved_config = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": skeleton.skip})
+    # llmquant's own config keeps the names as given (suffixes match); GPTQ and compressed-tensors
+    # readers match full module names, so those formats get every float linear by its full name.
+    kept = skeleton.skip if fmt == "llmquant" else skeleton.float_linears
+    saved_config = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": kept})
     # the source's tensors under the model's names, as from_pretrained converts them (conversion.py)
     stored_specs = tensor_specs(files)
     conversion = Conversion(skeleton.model, [spec.name for spec in stored_specs])
     source_specs = [spec for _, group_specs in conversion.specs(stored_specs) for spec in group_specs]
     check_shapes(source_specs, skeleton, source / "config.json")
     layout = get_format(fmt)
-    specs = output_specs(source_specs, targets, config, fmt, skeleton)
+    layout.check_model(list(targets.values()), kept)
+    # a Conv1D weight [K, N] is planned, quantized and written as the linear weight [N, K] it is
+    as_linear = [
+        TensorSpec(spec.name, spec.dtype, spec.shape[::-1]) if spec.name in skeleton.transposed else spec
+        for spec in source_specs
+    ]
+    specs = output_specs(as_linear, targets, config, fmt, skeleton)
     precomputed, changed, added = {}, {}, {}
     if get_method(config.method).calibrated:
         scale_dtype = next(spec.dtype for spec in source_specs if spec.name in targets or spec.name in skeleton.experts)
@@ -115,7 +130,7 @@ def quantize_checkpoint(
         specs += [TensorSpec(name, value.dtype, tuple(value.shape)) for name, value in added.items()]
 
     summary = Summary(warnings=layout.engine_warnings(saved_config))
-    with staged_output(out) as staging:
+    with staged_output(out, overwrite) as staging:
         writer = ShardedWriter(staging, specs, max_bytes)
         bar = progress_bar(
             total=len(targets) + len(skeleton.experts), enabled=progress, desc="quantizing", unit="layer"
@@ -143,6 +158,8 @@ def quantize_checkpoint(
                     check_finite_copy(name, tensor)
                 writer.write(name, changed[name].to(tensor.dtype) if name in changed else tensor)
                 continue
+            if name in skeleton.transposed:
+                tensor = tensor.t().contiguous()
             packed = precomputed.pop(name, None) or quantize_weight(
                 tensor, config.bits, config.group_size, config.sym, method=config.method, name=name
             )
@@ -161,11 +178,14 @@ def quantize_checkpoint(
             summary.params_total += value.numel()
         writer.close()
         summary.bytes_after = writer.total_bytes
-        model_config["quantization_config"] = layout.quantization_config(saved_config)
+        model_config["quantization_config"] = layout.quantization_config(saved_config, list(targets.values()))
         if added:  # the head has its own tensor now
             model_config["tie_word_embeddings"] = False
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         copy_side_files(source, staging)
-        write_model_card(staging / "README.md", base_model=src, config=saved_config, summary=summary, fmt=fmt)
+        write_model_card(
+            staging / "README.md", base_model=src, config=saved_config, summary=summary, fmt=fmt,
+            quantization_config=model_config["quantization_config"],
+        )
     summary.seconds = time.perf_counter() - start
     return summary

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import first_line
+from .errors import first_line, missing_module
 
 EXIT_BAD_INPUT = 2
 FORMATS = ("llmquant", "compressed-tensors", "gptq")  # llmquant.formats.FORMAT_NAMES, without importing torch
@@ -51,6 +51,9 @@ def _add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
         help="modules kept in floating point (default: the output head)",
     )
     _add_output_arguments(parser)
+    from .calibration import add_arguments as add_calibration_arguments
+
+    add_calibration_arguments(parser)  # quantize only: convert never calibrates
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,9 +67,6 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    from .calibration import add_arguments as add_calibration_arguments
-
-    add_calibration_arguments(parser)
 
 
 def _add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -105,8 +105,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
+    from .calibration import check_seqlen_for, load_tokenizer
     from .calibration import from_arguments as calibration_from_arguments
-    from .calibration import load_tokenizer
     from .checkpoint import quantize_checkpoint
     from .config import QuantConfig
     from .methods import get_method
@@ -115,8 +115,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
         bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, modules_to_not_convert=args.skip
     )
     calibration = None
-    if get_method(config.method).calibrated:
-        calibration = calibration_from_arguments(load_tokenizer(args.src), args)
+    if get_method(config.method).calibrated:  # loaded once the plan is checked (a refused family costs nothing)
+        check_seqlen_for(args.src, args.calib_seqlen)  # before the tokenizer and the text are read
+        calibration = lambda: calibration_from_arguments(load_tokenizer(args.src), args)  # noqa: E731
     summary = quantize_checkpoint(
         args.src,
         args.output,
@@ -144,16 +145,16 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="llmquant", description="Weight-only quantization for Hugging Face LLMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_quantize_parser(subparsers)
     _add_convert_parser(subparsers)
-    try:
-        from .evals import cli as eval_cli
-    except ImportError:  # the eval extra (datasets, matplotlib) is not installed
-        eval_cli = None
-    if eval_cli is not None:
-        eval_cli.add_parser(subparsers)
+    from .evals import cli as eval_cli
+
+    eval_cli.add_parser(subparsers)
     return parser
 
 
@@ -170,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return eval_cli.run(args)
     except (ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"llmquant {args.command}: error: {first_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModuleNotFoundError as error:  # a dependency missing from the environment: say how to install it
+        top = (error.name or "").partition(".")[0]
+        message = missing_module(top) if top and top != "llmquant" else None
+        if message is None:
+            raise  # our own module, or one that exists but failed inside: a bug, keep the traceback
+        print(f"llmquant {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("llmquant: interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .experts import PROJECTIONS, quantize_experts
+from .families import is_linear
 from .linear import QuantLinear
 from .progress import progress_bar
 from .quantize import check_finite, quantize_weight
@@ -19,9 +20,23 @@ def default_skip(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if head is not None and module is head]
 
 
+def tied_linears(model: nn.Module) -> list[str]:
+    """Names of the linears sharing their weight with an embedding (a tied head): never quantized."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module.weight) in embedding_weights
+    ]
+
+
 def modules_to_skip(model: nn.Module, config: QuantConfig) -> list[str]:
+    """The modules kept in floating point: modules_to_not_convert (the output head when None),
+    plus a head tied to the embedding, which follows the embedding whatever the list says (a
+    config naming it "quantized" would describe tensors no checkpoint can hold)."""
     skip = config.modules_to_not_convert
-    return default_skip(model) if skip is None else list(skip)
+    skip = default_skip(model) if skip is None else list(skip)
+    return skip + [name for name in tied_linears(model) if not is_skipped(name, skip)]
 
 
 def is_skipped(name: str, skip: list[str]) -> bool:
@@ -37,23 +52,24 @@ def check_skip_matches(model: nn.Module, config: QuantConfig) -> None:
     names = [name for name, _ in model.named_modules() if name]
     unmatched = [s for s in config.modules_to_not_convert if not any(is_skipped(name, [s]) for name in names)]
     if unmatched:
-        linears = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linears = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if is_linear(m)})
         raise ValueError(
             f"modules_to_not_convert (--skip) {unmatched[0]!r} matches no module of the model; "
             f"its linear layers are named {', '.join(linears[:12])}"
         )
 
 
-def linear_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
-    """The (name, module) pairs the config quantizes, in model order."""
-    skip = modules_to_skip(model, config)
+def linear_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs the config quantizes, in model order: nn.Linear and transformers'
+    Conv1D (GPT-2; a transposed linear, see llmquant.families)."""
+    skip = modules_to_skip(model, config)  # includes a tied head
     # A linear sharing its weight with an embedding (tied head) must stay a float tensor.
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     routers = router_linears(model)
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
+        if is_linear(module)
         and not is_skipped(name, skip)
         and id(module.weight) not in embedding_weights
         and module not in routers
@@ -125,12 +141,17 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, cali
         if not weight.is_floating_point() or weight.is_meta:
             raise ValueError(f"layer {name!r} has a {weight.dtype} weight on {weight.device}; cannot quantize it")
         check_finite(weight, name)
+    if not layers and not experts:  # quantizing nothing is an error, not a model that claims to be quantized
+        raise ValueError(f"{type(model).__name__}: no layer to quantize (no nn.Linear or Conv1D outside the skipped)")
     from .methods import get_method
 
     if get_method(config.method).calibrated:
         from .sequential import quantize_calibrated_
 
         return quantize_calibrated_(model, config, calibration, progress)
+    # What the model holds, recorded before the swap (the default skip looks at the float head):
+    # save_pretrained writes it, and without it a reload builds nn.Linear over packed tensors.
+    resolved = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": modules_to_skip(model, config)})
     for name, linear in progress_bar(layers, enabled=progress, desc="quantizing", unit="layer"):
         _set_module(
             model,
@@ -145,6 +166,8 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, cali
             return quantize_weight(weight, config.bits, config.group_size, config.sym, name=f"{name}.{proj}[{expert}]")
 
         _set_module(model, name, quantize_experts(module, rtn, config.bits, config.group_size, config.sym))
+    if hasattr(model, "config"):
+        model.config.quantization_config = resolved
     return model
 
 
@@ -165,4 +188,18 @@ def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
         if module.bias is not None:
             linear.bias.copy_(module.bias)
         _set_module(model, name, linear)
+    forget_quantization(model)
     return model
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """After dequantizing: drop what says the model is quantized (its config's
+    quantization_config, transformers' quantizer), so save_pretrained writes a float folder that
+    a plain from_pretrained reads as one, instead of building empty QuantLinear layers."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False

@@ -20,3 +20,25 @@ def with_cause(error: BaseException, limit: int = 300) -> str:
     if cause is not None:
         text += f" (caused by {type(cause).__name__}: {first_line(cause, limit)})"
     return text
+
+
+# Modules imported only by optional features -> the pip command that brings them; any other module
+# (a core dependency missing from a broken environment) is named by its PyPI name.
+INSTALL_HINTS = {
+    "matplotlib": 'pip install "llmquant[plots]"',
+    "triton": 'pip install "llmquant[kernels]"',
+}
+
+
+def install_hint(module: str) -> str:
+    """The `pip install ...` that brings top-level module `module` (e.g. compressed_tensors -> compressed-tensors)."""
+    return INSTALL_HINTS.get(module, f"pip install {module.replace('_', '-')}")
+
+
+def missing_module(module: str, needed_for: str | None = None) -> str | None:
+    """None when `module` can be imported, else one line naming the pip install that fixes it."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"{needed_for + ' needs ' if needed_for else ''}{module}, which is not installed: {install_hint(module)}"

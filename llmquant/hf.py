@@ -58,6 +58,21 @@ def _on_cpu(device_map: Any) -> bool:
     return str(device_map) == "cpu"
 
 
+def _skip_family_init_of_parents(model: Any, replaced: list[str]) -> None:
+    """Mark the parents of swapped layers as initialised when they hold no tensor of their own.
+
+    transformers runs each family's `_init_weights` on modules after loading, and some reach
+    into their children's weights (GPT-2 re-initialises `c_proj.weight` of its attention and MLP
+    modules, a Conv1D weight that is a QuantLinear's packed buffers now): with nothing of its own
+    to initialise, the parent is skipped; its children are still visited one by one."""
+    for name in replaced:
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if not any(True for _ in parent.parameters(recurse=False)) and not any(
+            True for _ in parent.buffers(recurse=False)
+        ):
+            parent._is_hf_initialized = True
+
+
 class LlmquantHfQuantizer(HfQuantizer):
     """HfQuantizer for QuantConfig: pre-quantized loading and quantize-on-load."""
 
@@ -108,7 +123,8 @@ class LlmquantHfQuantizer(HfQuantizer):
             dtype = kwargs.get("dtype") or model.config.dtype or torch.float16
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype) if dtype != "auto" else torch.float16
-            replace_with_empty_quant_linear(model, config, dtype)
+            replaced = replace_with_empty_quant_linear(model, config, dtype)
+            _skip_family_init_of_parents(model, replaced)
             check_checkpoint(model, config, kwargs.get("checkpoint_files"))
         model.config.quantization_config = config
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import cpu
+from .errors import install_hint
+from .families import linear_features, linear_weight
 from .kernels.pack import effective_group_size, num_groups, packed_rows, values_per_word
 from .quantize import quantize_weight
 
@@ -21,7 +26,27 @@ def _use_triton(x: torch.Tensor) -> bool:
     choice = os.environ.get(KERNEL_ENV, "auto")
     if choice == "torch":
         return False
-    return x.is_cuda or choice == "triton"
+    if choice == "triton":
+        return True
+    if x.is_cuda and not HAVE_TRITON:
+        _warn_no_triton()
+        return False
+    return x.is_cuda
+
+
+# CUDA torch on Linux brings triton; without it CUDA layers still run (dequantize + cuBLAS) after one
+# warning: a model must not stop working for want of a faster kernel. find_spec does not import
+# triton, and a module constant is something torch.compile traces through.
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _warn_no_triton() -> None:
+    warnings.warn(
+        f"the fused CUDA kernels need triton, which is not installed: {install_hint('triton')}; "
+        "quantized layers dequantize and call cuBLAS instead",
+        stacklevel=4,
+    )
 
 
 class QuantLinear(nn.Module):
@@ -73,9 +98,10 @@ class QuantLinear(nn.Module):
     ) -> QuantLinear:
         """An empty QuantLinear with the shape, bias and device of `linear` (scales in `dtype`,
         default the weight's)."""
+        in_features, out_features = linear_features(linear)
         return cls(
-            linear.in_features,
-            linear.out_features,
+            in_features,
+            out_features,
             bits,
             group_size,
             sym,
@@ -100,7 +126,8 @@ class QuantLinear(nn.Module):
         cls, linear: nn.Linear, bits: int, group_size: int, sym: bool, method: str = "rtn", name: str = "weight"
     ) -> QuantLinear:
         """Quantize an nn.Linear (weight [N, K]) by round to nearest; scales keep the weight's dtype."""
-        packed = quantize_weight(linear.weight.detach(), bits, group_size, sym, method=method, name=name)
+        weight = linear_weight(linear).detach()  # [N, K]; a Conv1D stores the transpose
+        packed = quantize_weight(weight, bits, group_size, sym, method=method, name=name)
         return cls.from_packed(linear, packed, bits, group_size, sym)
 
     def load_packed(self, packed: dict[str, torch.Tensor]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,15 +39,40 @@ def _calibration_row(config: QuantConfig) -> str:
     )
 
 
+def card_base_model(folder: Path, fallback: str) -> str:
+    """The model a quantized `folder` was made from, as its llmquant card names it (the Hub id in
+    the front matter, else the source named in the text), or `fallback` when there is no card."""
+    try:
+        text = (folder / "README.md").read_text()
+    except OSError:
+        return fallback
+    front = re.search(r"^base_model:\s*(\S+)\s*$", text.split("\n---", 1)[0], re.MULTILINE)
+    if front:
+        return front.group(1)
+    body = re.search(r"Weight-only quantization of `([^`]+)`", text)
+    return body.group(1) if body else fallback
+
+
 def write_model_card(
-    path: Path, base_model: str, config: QuantConfig, summary: Summary | None, fmt: str = "llmquant"
+    path: Path,
+    base_model: str,
+    config: QuantConfig,
+    summary: Summary | None,
+    fmt: str = "llmquant",
+    quantization_config: dict | None = None,
+    converted_from: str | None = None,
 ) -> None:
     """Card of a folder written in format `fmt` (llmquant, gptq or compressed-tensors): what was
-    quantized and how, which llmquant made it, and how each engine loads it."""
+    quantized and how, which llmquant made it, and how each engine loads it. `base_model` is the
+    float model; `converted_from` the quantized folder a `convert` read (named as such, never as
+    the base model); `quantization_config` what config.json holds (default: computed from `config`)."""
     from . import __version__
     from .formats import get_format
+    from .formats.common import SERVING_RECOMMENDATION
 
     target = get_format(fmt)
+    if quantization_config is None:
+        quantization_config = target.quantization_config(config)
     group = "per row" if config.group_size == -1 else str(config.group_size)
     is_hub_id = not Path(base_model).expanduser().exists()
     front = ["---", "library_name: transformers"]
@@ -63,6 +89,9 @@ def write_model_card(
 | bits per weight of the quantized layers (codes + scales + zeros) | {summary.bits_per_weight:.3f} |
 | checkpoint size, all tensors | {summary.bytes_before / 2**20:.1f} MiB / {summary.bytes_after / 2**20:.1f} MiB |
 """
+    converted = ""
+    if converted_from:
+        converted = f"\nRewritten without re-quantizing from `{converted_from}`.\n"
     body = f"""
 # {Path(base_model).name} — int{config.bits}, group size {group} ({fmt} format)
 
@@ -71,15 +100,17 @@ Weight-only quantization of `{base_model}` made with [llmquant](https://pypi.org
 input columns with a scale {"" if config.sym else "and an integer zero point "}per group
 ({"symmetric" if config.sym else "asymmetric"}, method `{config.method}`). Kept in floating point:
 {", ".join(config.modules_to_not_convert or []) or "nothing"} (and the embeddings).{_rotation_note(config)}
-{table}{_calibration_row(config)}
+{converted}{table}{_calibration_row(config)}
 ## Load
 
-{target.LOAD_HELP}
+{target.load_help(config)}
+
+Serving: {SERVING_RECOMMENDATION}.
 
 Quantization config (`config.json` → `quantization_config`):
 
 ```json
-{json.dumps(target.quantization_config(config), indent=2, sort_keys=True)}
+{json.dumps(quantization_config, indent=2, sort_keys=True)}
 ```
 """
     path.write_text("\n".join(front) + "\n" + body)

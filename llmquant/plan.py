@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import families
 from .config import QuantConfig
 from .convert import check_skip_matches, expert_layers, linear_layers, modules_to_skip
 from .errors import CheckpointError
@@ -36,6 +37,9 @@ class Skeleton:
     optional: list[str]
     model: torch.nn.Module | None = None
     experts: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # target weights stored [K, N] (transformers' Conv1D): quantized as their transpose
+    transposed: set[str] = field(default_factory=set)
+    float_linears: list[str] = field(default_factory=list)  # full names of the linears kept in float
 
 
 def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
@@ -50,6 +54,7 @@ def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
         raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
     try:
         check_skip_matches(model, config)
+        families.check_method(model, config.method)  # e.g. gptq-rot on a LayerNorm family: before any work
         experts = {
             f"{name}.{proj}": shape
             for name, module in expert_layers(model, config)
@@ -58,13 +63,34 @@ def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
     except ValueError as error:
         raise CheckpointError(str(error)) from None
     layers = linear_layers(model, config)
+    if not layers and not experts:  # a run that quantizes nothing is an error, not a copy named "quantized"
+        raise CheckpointError(
+            f"{families.family(model)}: no layer to quantize (no nn.Linear or Conv1D layer outside --skip "
+            f"{modules_to_skip(model, config)})"
+        )
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    # Tensors a checkpoint may lack: tied copies (the head sharing the embedding) and what the
-    # model class itself says may be missing.
+    transposed = {f"{name}.weight" for name, module in layers if families.transposed(module)}
+    quantized = {name for name, _ in layers}
+    float_linears = [
+        name for name, module in model.named_modules() if families.is_linear(module) and name not in quantized
+    ]
+    return Skeleton(
+        {f"{name}.weight": name for name, _ in layers},
+        modules_to_skip(model, config),
+        shapes,
+        may_be_missing(model),
+        model,
+        experts,
+        transposed,
+        float_linears,
+    )
+
+
+def may_be_missing(model: torch.nn.Module) -> list[str]:
+    """Patterns of tensors a checkpoint may lack: tied copies (the head sharing the embedding)
+    and what the model class itself says may be missing."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
-    optional = [re.escape(name) for name in tied] + list(model._keys_to_ignore_on_load_missing or [])
-    targets = {f"{name}.weight": name for name, _ in layers}
-    return Skeleton(targets, modules_to_skip(model, config), shapes, optional, model, experts)
+    return [re.escape(name) for name in tied] + list(model._keys_to_ignore_on_load_missing or [])
 
 
 def check_shapes(source: list[TensorSpec], skeleton: Skeleton, config_path: Path) -> None:

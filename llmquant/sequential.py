@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import families
 from .config import QuantConfig
 from .convert import expert_layers, linear_layers
 from .experts import PROJECTIONS, experts_calibration
@@ -167,42 +168,68 @@ def _to(value, device: torch.device):
         return value.to(device)
     if isinstance(value, tuple | list):
         return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):  # the keyword arguments themselves
+        return {k: _to(v, device) for k, v in value.items()}
     return value
 
 
 def _rows(value, count: int, total: int):
-    """The first `count` samples of a batched tensor (dim 0 == total), recursively; others as is."""
+    """The first `count` samples of a batched tensor (dim 0 == total), recursively through
+    tuples, lists and dicts (the block's keyword arguments: an eager attention mask is [S, 1, T, T]);
+    others as is."""
     if isinstance(value, torch.Tensor):
         return value[:count] if value.dim() > 0 and value.shape[0] == total and total > 1 else value
     if isinstance(value, tuple | list):
         return type(value)(_rows(v, count, total) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, count, total) for k, v in value.items()}
     return value
 
 
-def _block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering `block` for tokens [S, T] and its keyword arguments."""
-    captured = {}
+def _blocks_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """Hidden states entering the first block for tokens [S, T], and every block's keyword
+    arguments: they differ between blocks in families that mix attention types (Gemma-2/3:
+    sliding-window and global masks, Gemma-3: local and global rotary embeddings per layer).
 
-    def hook(_module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
+    One pass of the model with each block's forward replaced by a recorder that returns its input
+    unchanged, so no block computes (a streamed skeleton's blocks are on the meta device); the
+    pass stops after the last block."""
+    captured: dict = {"kwargs": []}
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    def recorder(*args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.setdefault("hidden", hidden)
+        captured["kwargs"].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        if len(captured["kwargs"]) == len(blocks):
+            raise _Stop
+        return hidden
+
+    for block in blocks:
+        block.forward = recorder  # an instance attribute: nn.Module.__call__ runs it, hooks included
     try:  # a streamed skeleton holds only what runs before the first block: the rest is on meta
         device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
         model(input_ids=tokens.to(device), use_cache=False)
     except _Stop:
         pass
     finally:
-        handle.remove()
-    if "hidden" not in captured:
-        raise ValueError("the model never called its first decoder block; cannot calibrate it")
-    kwargs = captured["kwargs"]
-    kwargs["use_cache"] = False
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    return captured["hidden"], kwargs
+        for block in blocks:
+            del block.forward
+    if len(captured["kwargs"]) != len(blocks):
+        raise ValueError(
+            f"the model called {len(captured['kwargs'])} of its {len(blocks)} decoder blocks; cannot calibrate it"
+        )
+    for kwargs in captured["kwargs"]:
+        kwargs["use_cache"] = False
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+    return captured["hidden"], captured["kwargs"]
+
+
+def _block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering `block` (the first decoder block) for tokens [S, T] and its keyword arguments."""
+    _, blocks = decoder_blocks(model)
+    hidden, kwargs = _blocks_inputs(model, blocks, tokens)
+    return hidden, kwargs[0]
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -404,8 +431,9 @@ def _rotate_outside(
     if embed is None or head is None:
         raise ValueError(f"{type(model).__name__}: rotation needs an input embedding and an output head")
     norm_name, norm = _final_norm(model, prefix)
+    offset = rotation.weight_offset(norm)  # Gemma's norms scale by 1 + w
     sample = rotation.rotate(hidden[:1].reshape(-1, hidden.shape[-1]), q).to(norm.weight.dtype)
-    drift = rotation.norm_commutes(norm, sample, q)
+    drift = rotation.norm_commutes(norm, sample, q, offset)
     if not drift < _rotation_tolerance(norm.weight.dtype):
         raise ValueError(
             f"{norm_name}: rotation needs RMS norms that commute with an orthogonal rotation; this one "
@@ -415,8 +443,10 @@ def _rotate_outside(
     head_weight = embed.weight if tied else head.weight
     rotated = {
         f"{module_name(model, embed)}.weight": rotation.rotate(embed.weight.detach(), q),
-        f"{module_name(model, head)}.weight": rotation.rotated_head(head_weight.detach(), norm.weight.detach(), q),
-        f"{norm_name}.weight": torch.ones_like(norm.weight),
+        f"{module_name(model, head)}.weight": rotation.rotated_head(
+            head_weight.detach(), rotation.norm_gain(norm.weight.detach(), offset), q
+        ),
+        f"{norm_name}.weight": torch.full_like(norm.weight, 1 - offset),
     }
     changed.update({name: value.to("cpu", dtype or value.dtype) for name, value in rotated.items()})
 
@@ -443,7 +473,7 @@ def _rotate_block(
     # the norms on the stream (not inside attention), each once with the linears reading it
     stream_norms = {id(norm): (norm, readers) for norm, readers in norms.values() if norm.weight.numel() == width}
     for norm, readers in stream_norms.values():
-        rotation.fold_norm_(norm, readers)
+        rotation.fold_norm_(norm, readers, rotation.weight_offset(norm))
     touched = [norm for norm, _ in stream_norms.values()]
     for linear in linears:
         if linear in norms and linear.in_features == width:
@@ -508,8 +538,9 @@ def quantize_blocks(
     q = None  # the rotation of the residual stream (methods with rotation)
     if method.rotation and changed is None:
         raise ValueError(f"{config.method} changes float tensors: pass `changed` to receive them")
+    families.check_method(model, config.method)  # refused before any work
     with store.embeddings(model):
-        hidden, kwargs = _block_inputs(model, blocks[0], tokens)
+        hidden, block_kwargs = _blocks_inputs(model, blocks, tokens)
         if method.rotation:
             q = rotation.random_orthogonal(hidden.shape[-1], rotation.SEED)
             _rotate_outside(model, prefix, q, hidden, changed, scale_dtype)
@@ -522,7 +553,7 @@ def quantize_blocks(
     for index, live in enumerate(blocks):
         block = store.load(index, live, device)
         hidden = hidden.to(device)
-        kw = _to(kwargs, device)
+        kw = _to(block_kwargs[index], device)
         total = hidden.shape[0]
         few = min(ERROR_SAMPLES, total)
         if q is not None:
@@ -546,7 +577,7 @@ def quantize_blocks(
                 if method.float_target:
                     cache["target"] = gptaq.target_factor(float_inputs[module], flat, cache["h"])
             full = f"{prefix}.{index}.{names[module]}"
-            weight = module.weight
+            weight = families.linear_weight(module)  # [N, K]; GPT-2's Conv1D stores it transposed
             source = gptaq.float_target(weight.detach(), cache["target"]) if method.float_target else weight.detach()
             q = method.quantize(
                 source,
@@ -632,6 +663,10 @@ def quantize_calibrated_(model: nn.Module, config: QuantConfig, calibration, pro
     from .quantize import pack
 
     tokens, info = _calibration_tokens(calibration)
+    if hasattr(model, "config"):
+        from .calibration import check_seqlen
+
+        check_seqlen(tokens.shape[1], model.config)  # before any block runs
     was_training = model.training
     changed: dict[str, torch.Tensor] = {}
     try:

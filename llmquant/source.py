@@ -48,6 +48,40 @@ def resolve_source(src: str) -> Path:
         ) from None
 
 
+def _hub_blobs(src: Path) -> Path | None:
+    """The `blobs` folder of the Hub cache repo when `src` is one of its snapshots
+    (`models--ORG--NAME/snapshots/REVISION`), else None."""
+    snapshots = src.resolve().parent
+    repo = snapshots.parent
+    if snapshots.name == "snapshots" and repo.name.startswith(("models--", "datasets--", "spaces--")):
+        return repo / "blobs"
+    return None
+
+
+def check_inside(path: Path, src: Path) -> None:
+    """Refuse a file of the source folder `src` that is a symbolic link resolving outside it.
+
+    What is read from the source ends up in the output folder, the one users publish: a link such
+    as `special_tokens_map.json -> /etc/passwd` or `notes.txt -> ~/private.txt` would publish a
+    file that is not the model's. Allowed: regular files, links resolving inside `src`, and the Hub
+    cache's own layout, where every file of `snapshots/REVISION/` links to `../../blobs/HASH` of
+    the same repo. Refused rather than skipped (with a warning): the user asked for the folder as
+    it is, and an output silently lacking a tokenizer file is as broken as one that holds the
+    wrong file; the error names the link so it can be replaced by a copy or removed."""
+    if not path.is_symlink():
+        return
+    target, root = path.resolve(), src.resolve()
+    if root in target.parents:
+        return
+    blobs = _hub_blobs(src)
+    if blobs is not None and target.parent == blobs.resolve():
+        return
+    raise CheckpointError(
+        f"{path} is a symbolic link outside the source folder (to {target}); refusing to read it into the output "
+        "(copy the file into the folder, or remove the link)"
+    )
+
+
 def read_json_object(path: Path) -> dict:
     """A JSON file that must hold an object, as a dict (CheckpointError naming the file otherwise)."""
     try:
@@ -64,6 +98,7 @@ def read_config(src: Path) -> dict:
     config_path = src / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} not found: the source is not a Hugging Face model folder")
+    check_inside(config_path, src)
     config = read_json_object(config_path)
     quantization = config.get("quantization_config")
     if quantization in (None, {}):
@@ -89,14 +124,21 @@ def weight_files(src: Path) -> list[Path]:
     for index_name in WEIGHT_INDEXES:
         index_path = src / index_name
         if index_path.is_file():
-            return _indexed_files(index_path)
+            check_inside(index_path, src)
+            return _checked_inside(_indexed_files(index_path), src)
     for suffixes in ((".safetensors",), (".bin", ".pt", ".pth")):
         files = sorted(
             p for p in src.iterdir() if p.is_file() and p.suffix in suffixes and not NOT_MODEL_WEIGHTS.match(p.name)
         )
         if files:
-            return files
+            return _checked_inside(files, src)
     raise CheckpointError(f"no weights in {src}: expected model.safetensors (or an index, or pytorch_model.bin)")
+
+
+def _checked_inside(files: list[Path], src: Path) -> list[Path]:
+    for path in files:
+        check_inside(path, src)
+    return files
 
 
 def _indexed_files(index_path: Path) -> list[Path]:

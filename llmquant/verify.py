@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import QUANT_METHOD, QuantConfig
+from .errors import first_line
 from .experts import QuantExperts
 from .linear import QuantLinear
 from .shards import DTYPES
@@ -36,10 +37,13 @@ def checkpoint_shapes(files: Iterable[str | Path]) -> dict[str, tuple[torch.dtyp
 
     found: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                view = handle.get_slice(name)
-                found[name] = (DTYPES.get(view.get_dtype()), tuple(view.get_shape()))
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    found[name] = (DTYPES.get(view.get_dtype()), tuple(view.get_shape()))
+        except Exception as error:  # SafetensorError and OSError: truncated or not safetensors
+            raise QuantizedCheckpointError(f"llmquant: cannot read {path}: {first_line(error)}") from None
     return found
 
 
@@ -108,6 +112,87 @@ def check_checkpoint(model: nn.Module, config: QuantConfig, files: Iterable[str 
                 f"llmquant: module {name!r} does not match quantization_config ({_describe(config)}): {problem}; "
                 "config.json and the weights disagree, refusing to load"
             )
+    check_stored_values(model, files)
+
+
+def check_stored_values(model: nn.Module, files: list[str | Path]) -> None:
+    """`check_values` for every QuantLinear of `model` on the scales and zeros stored in `files`,
+    read before transformers loads anything (only those tensors: a G-th of the codes' size)."""
+    from safetensors import safe_open
+
+    wanted = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            wanted[f"{name}.scales"] = (name, module.bits)
+            if not module.sym:
+                wanted[f"{name}.qzeros"] = (name, module.bits)
+    values: dict[str, dict[str, torch.Tensor]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key in wanted:
+                    module, bits = wanted[key]
+                    values.setdefault(module, {"bits": bits})[key.rpartition(".")[2]] = handle.get_tensor(key)
+    for module, stored in values.items():
+        check_values(module, stored["bits"], stored["scales"], stored.get("qzeros"))
+
+
+def check_values(module: str, bits: int, scales: torch.Tensor, qzeros: torch.Tensor | None) -> None:
+    """Refuse stored values that make a layer meaningless, naming `module`: a scale that is NaN,
+    infinite, zero or negative, a zero point outside [0, 2^bits).
+
+    Every llmquant method stores positive scales (a zero one becomes the dtype's smallest positive
+    value, docs/FORMAT.md), and so do the GPTQ and compressed-tensors producers (GPTQ widens an
+    all-zero group's range, compressed-tensors clamps scales to a positive epsilon), so all three
+    formats require scales > 0. Only scales and zeros are scanned (a G-th of the codes' size, and
+    every code is in range by construction of the packing), so the check costs little at load."""
+    if scales.is_floating_point():
+        # one pass: `> 0` is False for NaN and -Inf, `< inf` for +Inf
+        good = scales.gt(0).logical_and_(scales.lt(float("inf")))
+        if not bool(good.all()):
+            bad = ~good
+            group, column = (int(i) for i in bad.nonzero()[0])
+            value = float(scales[group, column])
+            raise QuantizedCheckpointError(
+                f"llmquant: module {module!r} has {int(bad.sum())} scales that are not finite and positive "
+                f"(first: {value} at group {group}, output {column}); the checkpoint is corrupt, refusing to load"
+            )
+    if qzeros is not None and bits < 8:  # uint8 zeros of 8-bit codes are all in range
+        top = int(qzeros.max()) if qzeros.numel() else 0
+        if top >= 1 << bits:
+            raise QuantizedCheckpointError(
+                f"llmquant: module {module!r} has zero points up to {top}, outside [0, {1 << bits}) for {bits}-bit "
+                "codes; the checkpoint is corrupt, refusing to load"
+            )
+
+
+def check_packed(module: str, packed: dict[str, torch.Tensor], n: int, k: int, config: QuantConfig) -> None:
+    """llmquant tensors of one layer (`{"qweight", "scales", "qzeros"}`, as a format's
+    import_layer returns them) against what a QuantLinear [n, k] of `config` holds: names, shapes,
+    dtypes (scales any float dtype), then `check_values`. QuantizedCheckpointError naming `module`."""
+    reference = QuantLinear(k, n, config.bits, config.group_size, config.sym, bias=False, device="meta")
+    expected = {key: tensor for key, tensor in reference.named_buffers() if key in ("qweight", "scales", "qzeros")}
+    problem = None
+    if packed.keys() != expected.keys():
+        missing, extra = sorted(expected.keys() - packed.keys()), sorted(packed.keys() - expected.keys())
+        problem = " and ".join(
+            ([f"missing {', '.join(missing)}"] if missing else [])
+            + ([f"unexpected {', '.join(extra)}"] if extra else [])
+        )
+    else:
+        for key, tensor in expected.items():
+            value = packed[key]
+            dtype_ok = value.is_floating_point() if key == "scales" else value.dtype == tensor.dtype
+            if tuple(value.shape) != tuple(tensor.shape) or not dtype_ok:
+                want = "a float dtype" if key == "scales" else str(tensor.dtype)
+                problem = f"{key} is {value.dtype} {list(value.shape)}, expected {want} {list(tensor.shape)}"
+                break
+    if problem:
+        raise QuantizedCheckpointError(
+            f"llmquant: module {module!r} does not match quantization_config ({_describe(config)}): {problem}; "
+            "config.json and the weights disagree"
+        )
+    check_values(module, config.bits, packed["scales"], packed.get("qzeros"))
 
 
 def check_loaded(model: nn.Module, config: QuantConfig) -> None:

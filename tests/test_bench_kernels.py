@@ -8,15 +8,27 @@ from llmquant.evals import bench_kernels
 from llmquant.kernels import dequantize, pack_codes
 
 
-def test_dry_run_writes_json_and_markdown_without_numbers(tmp_path):
-    assert bench_kernels.main(["--dry-run", "--quick", "--out", str(tmp_path)]) == 0
-    (json_path,) = tmp_path.glob("bench_kernels-dryrun-*.json")
-    payload = json.loads(json_path.read_text())
-    assert payload["dry_run"] and payload["mode"] == "quick" and payload["env"]["git_commit"]
-    assert len(payload["results"]) == 3 * 4
-    assert all(r["quant_us"] is None and r["speedup"] is None for r in payload["results"])
-    table = json_path.with_suffix(".md").read_text()
-    assert "| 4096x11008 | int4-g128-asym | 2048 |" in table and "tinygemm x bf16" in table
+def test_rows_run_in_order_of_priority():
+    """A run cut short has measured int4 M = 1 on every shape first, then M = 16, then int8 M = 1."""
+    rows = bench_kernels.plan("standard")
+    assert len(rows) == 6 * (6 + 2)
+    assert [(q, m) for q, m, _, _ in rows[:6]] == [("int4-g128-asym", 1)] * 6
+    assert [(n, k) for _, _, n, k in rows[:6]] == bench_kernels.SHAPES["llama2-7b"] + bench_kernels.SHAPES["llama3-70b"]
+    assert [(q, m) for q, m, _, _ in rows[6::6]] == bench_kernels.STANDARD_PASSES[1:]
+    wanted = {("int4-g128-asym", m) for m in (1, 4, 16, 64, 256, 2048)} | {("int8-g128-sym", m) for m in (1, 16)}
+    assert {(q, m) for q, m, _, _ in rows} == wanted
+
+
+def test_result_files_are_replaced_whole(tmp_path):
+    env = {"device": "NVIDIA H200", "git_commit": "abc"}
+    rows = [["1", "2"]]
+    for n in (1, 2):  # rewritten after every row: the second write replaces the first
+        json_path, md_path = bench_kernels.write_files(tmp_path, "bench_x", {"env": env, "n": n}, ["a", "b"], rows, "T")
+    assert json_path.name == "bench_x-NVIDIA_H200.json" and json.loads(json_path.read_text())["n"] == 2
+    assert "| 1 | 2 |" in md_path.read_text() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench_x-NVIDIA_H200.json",
+        "bench_x-NVIDIA_H200.md",
+    ]
 
 
 def test_derived_ratios():

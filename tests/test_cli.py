@@ -1,5 +1,6 @@
 """`llmquant quantize` end to end on stories260k, and every kind of bad input."""
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from llmquant import QuantConfig
+from llmquant import QuantConfig, __version__
 from llmquant.cli import main
 
 
@@ -178,7 +179,9 @@ def test_sharded_source_gives_the_same_checkpoint(stories_dir, tmp_path):
 HEAVY = ("torch", "transformers", "safetensors", "tqdm", "numpy")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["quantize", "--help"], ["eval", "--help"], ["quantize"], ["nope"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--version"], ["quantize", "--help"], ["eval", "--help"], ["quantize"], ["nope"]]
+)
 def test_help_and_argument_errors_import_no_heavy_modules(argv):
     # `llmquant --help` and argument errors must answer at once, without torch or transformers.
     code = (
@@ -194,9 +197,47 @@ def test_help_and_argument_errors_import_no_heavy_modules(argv):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("HEAVY [] CODE"), done.stderr
-    assert last.endswith("CODE 0" if argv[-1] == "--help" else "CODE 2"), done.stderr
+    assert last.endswith("CODE 0" if argv[-1] in ("--help", "--version") else "CODE 2"), done.stderr
     if argv[-1] == "--help":
         assert "usage: llmquant" in done.stdout
+    if argv == ["--version"]:  # the installed metadata and the package agree: one place holds the version
+        assert done.stdout == f"llmquant {importlib.metadata.version('llmquant')}\n" == f"llmquant {__version__}\n"
+
+
+def test_a_missing_dependency_is_one_line_naming_the_pip_install(monkeypatch, capsys):
+    import llmquant.cli as cli
+
+    def needs(module):
+        def run(args):
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+        return run
+
+    monkeypatch.setattr(cli, "_run_convert", needs("llmquant_absent_dep.sub"))
+    assert cli.main(["convert", "src", "-o", "out"]) == 2
+    expected = "llmquant convert: error: llmquant_absent_dep, which is not installed: pip install llmquant-absent-dep\n"
+    assert capsys.readouterr().err == expected
+    monkeypatch.setattr(cli, "_run_convert", needs("llmquant.absent"))  # our own module missing is a bug: traceback
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["convert", "src", "-o", "out"])
+
+
+def test_eval_report_without_matplotlib_names_the_plots_extra(monkeypatch, stories_dir, tmp_path, capsys):
+    import importlib.util
+
+    from llmquant import errors
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert errors.missing_module("torch") is None
+    args = ["eval", str(stories_dir), "--dataset", str(stories_dir.parent / "tinystories-valid-excerpt.txt")]
+    assert main([*args, "--report", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "llmquant eval: error: --report (its PNG plot) needs matplotlib, which is not installed: "
+        'pip install "llmquant[plots]"\n'
+    )
+    assert not list(tmp_path.iterdir())
 
 
 def test_bare_import_registers_with_transformers_once_it_loads():

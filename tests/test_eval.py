@@ -230,7 +230,9 @@ def test_cli_bad_input_exit_2(case, message, tmp_path, capsys):
 def _cli(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "llmquant.evals.cli", *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    # cwd: not the project root, whose kernels/ folder would shadow the installed `kernels` package
+    # that transformers >= 5.25 imports (`-m` puts the working directory first on sys.path)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parent)
 
 
 def test_cli_quantize_on_load_end_to_end(tmp_path):

@@ -56,7 +56,7 @@ def test_independent_gptq_reader_gets_llmquant_weights(bits, group, sym, dtype):
     packed, dense = _layer(bits, group, sym, dtype)
     tensors = gptq.export_layer("l", packed, 96, 256, config)
     assert tensors["qzeros"].shape == (packed["scales"].shape[0], 96 * bits // 32)
-    assert torch.equal(dequantize_gptq(tensors, bits).to(dtype), dense)
+    assert torch.equal(dequantize_gptq(tensors, bits, gptq.checkpoint_format(config)).to(dtype), dense)
 
 
 @pytest.mark.parametrize("bits,group,sym,dtype", CASES)
@@ -69,7 +69,7 @@ def test_layer_round_trips_are_bit_exact(bits, group, sym, dtype):
         assert [(s.name, s.dtype, s.shape) for s in specs] == [
             (f"l.{k}", v.dtype, tuple(v.shape)) for k, v in tensors.items()
         ]
-        back = fmt.import_layer("l", tensors, 96, 256, config, {})
+        back = fmt.import_layer("l", tensors, 96, 256, config, {"checkpoint_format": gptq.checkpoint_format(config)})
         assert back.keys() == packed.keys()
         assert all(torch.equal(back[k], packed[k]) for k in packed)
 
@@ -84,8 +84,12 @@ def test_not_expressible_layers_are_refused_with_the_layer_name():
         "scales": torch.ones(1, 8, dtype=torch.float16),
         "qzeros": torch.zeros(1, 8, dtype=torch.uint8),
     }
-    with pytest.raises(FormatError, match="zero point 0"):
-        gptq.export_layer("q", packed, 8, 256, QuantConfig(bits=4, group_size=-1))
+    # a zero point of 0 (an all-non-negative group) has no v1 form (zero - 1); asymmetric exports are v2
+    config = QuantConfig(bits=4, group_size=-1)
+    tensors = gptq.export_layer("q", packed, 8, 256, config)
+    assert gptq.quantization_config(config)["checkpoint_format"] == "gptq_v2"
+    back = gptq.import_layer("q", tensors, 8, 256, config, {"checkpoint_format": "gptq_v2"})
+    assert torch.equal(back["qzeros"], packed["qzeros"])
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +167,97 @@ def test_eval_loads_foreign_folders(exports):
 
     model = load_model(str(exports / "gptq"), torch.float32, torch.device("cpu"))
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 35
+
+
+def test_tied_head_stays_float_whatever_skip_lists(stories_dir, tmp_path, tokens):
+    """stories260k's head is tied to the embedding: a --skip list without lm_head must not make
+    the config call it quantized (it has no tensors of its own)."""
+    for fmt in ("llmquant", "gptq", "compressed-tensors"):
+        out = tmp_path / fmt
+        args = ["quantize", str(stories_dir), "-o", str(out), "--bits", "8", "--group-size", "-1", "--sym",
+                "--skip", "down_proj", "--format", fmt, "--quiet"]
+        assert main(args) == 0
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        if fmt == "llmquant":
+            assert "lm_head" in qc["modules_to_not_convert"]
+        elif fmt == "compressed-tensors":
+            assert "lm_head" in qc["ignore"] and "model.layers.4.mlp.down_proj" in qc["ignore"]
+        else:
+            assert qc["lm_head"] is False
+        model = llmquant.load(out, dtype=torch.float32)
+        assert not isinstance(model.lm_head, QuantLinear) and not isinstance(model.model.layers[0].mlp.down_proj,
+                                                                              QuantLinear)
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
+
+
+def test_gptq_skip_is_written_as_the_readers_match_it_and_read_back(tmp_path, tokens):
+    from tests.tiny_llama import build_tiny_llama
+
+    src = build_tiny_llama(tmp_path / "tiny")
+    out = tmp_path / "gptq"
+    assert main(["quantize", str(src), "-o", str(out), "--bits", "4", "--group-size", "64", "--format", "gptq",
+                 "--skip", "down_proj", "lm_head", "--quiet"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == qc["format"] == "gptq_v2" and qc["sym"] is False
+    assert qc["dynamic"] == {f"-:^model[.]layers[.]{i}[.]mlp[.]down_proj$": {} for i in (0, 1)}
+    import re
+
+    assert re.match(next(iter(qc["dynamic"]))[2:], "model.layers.0.mlp.down_proj")  # GPTQModel/vLLM match full names
+    assert qc["modules_in_block_to_quantize"] == [[
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"
+    ]]
+    model = llmquant.load(out, dtype=torch.float32)  # reads `dynamic`
+    assert not isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
+    assert isinstance(model.model.layers[1].mlp.up_proj, QuantLinear)
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, reference.model.layers[1].mlp.down_proj.weight)
+
+
+@pytest.mark.parametrize("skip,needle", [
+    (["down_proj"], "lm_head: a quantized output head"),
+    (["lm_head", "model.layers.0.mlp.down_proj"], "model.layers.0.mlp.down_proj: kept in float while mlp.down_proj"),
+])
+def test_gptq_refuses_skips_transformers_would_load_wrong(tmp_path, capsys, skip, needle):
+    from tests.tiny_llama import build_tiny_llama
+
+    src = build_tiny_llama(tmp_path / "tiny")
+    out = tmp_path / "o"
+    capsys.readouterr()
+    code = main(["quantize", str(src), "-o", str(out), "--format", "gptq", "--skip", *skip, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists() and needle in err and len(err.splitlines()) == 1, err
+
+
+def test_cards_print_vllm_serve_only_for_a_kernel_path(tmp_path):
+    from tests.tiny_llama import build_tiny_llama
+
+    src = build_tiny_llama(tmp_path / "tiny")
+    cards = {}
+    for name, fmt, args in [
+        ("gptq-sym", "gptq", ["--sym", "--group-size", "128"]),
+        ("gptq-asym", "gptq", ["--group-size", "128"]),
+        ("ct-asym", "compressed-tensors", ["--group-size", "64"]),
+        ("ct-w8-asym", "compressed-tensors", ["--bits", "8", "--group-size", "128"]),
+    ]:
+        assert main(["quantize", str(src), "-o", str(tmp_path / name), "--format", fmt, "--skip", "lm_head",
+                     "--quiet", *args]) == 0
+        cards[name] = (tmp_path / name / "README.md").read_text()
+    assert "vllm serve" in cards["gptq-sym"] and "Machete on Hopper" in cards["gptq-sym"]
+    assert "vllm serve" not in cards["gptq-asym"] and "symmetric-only" in cards["gptq-asym"]
+    for card in (cards["gptq-sym"], cards["gptq-asym"]):
+        assert "pip install optimum gptqmodel" in card
+    assert "vllm serve" in cards["ct-asym"] and "transformers: not loadable" in cards["ct-asym"]
+    assert "Hopper only" in cards["ct-w8-asym"]
+    from llmquant.formats.common import vllm_path
+
+    assert vllm_path("gptq", QuantConfig(bits=4, group_size=256, sym=True)) is None
+    assert vllm_path("compressed-tensors", QuantConfig(bits=8, group_size=32, sym=False)) is None
+
+
+def test_converted_card_names_the_float_model_not_the_intermediate_folder(exports, tmp_path, stories_dir):
+    out = tmp_path / "ct"
+    assert main(["convert", str(exports / "gptq"), "-o", str(out), "--format", "compressed-tensors", "--quiet"]) == 0
+    card = (out / "README.md").read_text()
+    assert f"Weight-only quantization of `{stories_dir}`" in card
+    assert f"from `{exports / 'gptq'}`" in card

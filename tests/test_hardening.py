@@ -186,7 +186,8 @@ def test_stale_staging_of_dead_processes_is_cleaned(stories_dir, tmp_path):
     dead = dead_pid()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        for name in (f".o.tmp-{dead}", f".o.old-{dead}", f".o.tmp-{alive.pid}", ".other.tmp-1"):
+        # (a dead run's .o.old-PID is a swap cut short: restored, test_swap_cut_short_is_restored_on_the_next_run)
+        for name in (f".o.tmp-{dead}", f".o.tmp-{dead}-0a1b2c3d", f".o.tmp-{alive.pid}", ".other.tmp-1"):
             (tmp_path / name).mkdir()
             (tmp_path / name / "model-00001-of-00002.safetensors").write_bytes(b"partial")
         assert quantize(stories_dir, tmp_path / "o") == 0
@@ -212,7 +213,8 @@ def test_failed_swap_restores_the_old_output(tmp_path, monkeypatch):
 
     out = tmp_path / "o"
     out.mkdir()
-    (out / "config.json").write_text("old")
+    old = json.dumps({"quantization_config": {"quant_method": "llmquant"}})
+    (out / "config.json").write_text(old)
     real_rename = Path.rename
 
     def rename(self, target):
@@ -221,9 +223,10 @@ def test_failed_swap_restores_the_old_output(tmp_path, monkeypatch):
         return real_rename(self, target)
 
     monkeypatch.setattr(Path, "rename", rename)
-    with pytest.raises(OSError, match="disk on fire"), publish.staged_output(out) as staging:
+    monkeypatch.setattr(publish, "_rename_noreplace", lambda source, target: source.rename(target))
+    with pytest.raises(OSError, match="disk on fire"), publish.staged_output(out, overwrite=True) as staging:
         (staging / "config.json").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and (out / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and (out / "config.json").read_text() == old
 
 
 # 3./4. Loading never silently wrong
@@ -245,7 +248,10 @@ layer = model.model.layers[0].mlp.down_proj
 assert type(layer).__name__ == "QuantLinear", type(layer)
 torch.save(model(torch.arange(20)[None]).logits, {str(tmp_path / "logits.pt")!r})
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    # run outside the project root, whose kernels/ folder would shadow the installed `kernels` package
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     expected = AutoModelForCausalLM.from_pretrained(out)(torch.arange(20)[None]).logits
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
@@ -400,3 +406,124 @@ def test_checkpoint_missing_a_tensor_is_refused(stories_dir, tmp_path, capsys):
     assert quantize(src, tmp_path / "o") == 2
     one_line_error(capsys, ["'model.layers.1.post_attention_layernorm.weight'", "not in the checkpoint"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# Issue 22. 0: every in-memory way to a quantized model saves a folder that reloads it exactly
+
+
+def reload_same(model, folder: Path) -> AutoModelForCausalLM:
+    """save_pretrained -> plain from_pretrained: no missing/unexpected keys, the same logits."""
+    tokens = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        expected = model(tokens).logits
+    model.save_pretrained(folder)
+    again, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.equal(again(tokens).logits, expected)
+    return again
+
+
+@pytest.mark.parametrize("method", ["rtn", "clip", "gptq"])
+def test_quantize_in_place_then_save_reloads_the_same_model(stories_dir, tmp_path, method):
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    calibration = torch.randint(3, 512, (4, 32)) if method != "rtn" else None
+    quantize_(model, QuantConfig(bits=4, group_size=32, method=method), progress=False, calibration=calibration)
+    recorded = model.config.quantization_config
+    assert (recorded.bits, recorded.group_size, recorded.method, recorded.modules_to_not_convert) == (
+        4,
+        32,
+        method,
+        ["lm_head"],
+    )
+    again = reload_same(model, tmp_path / "saved")
+    assert isinstance(again.model.layers[0].mlp.down_proj, QuantLinear)
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "llmquant" and saved["method"] == method
+
+
+def test_quantize_on_load_then_save_reloads_the_same_model(stories_dir, tmp_path):
+    config = QuantConfig(bits=8, group_size=-1, sym=True, modules_to_not_convert=["lm_head", "down_proj"])
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32, quantization_config=config)
+    again = reload_same(model, tmp_path / "saved")
+    assert isinstance(again.model.layers[0].mlp.up_proj, QuantLinear)
+    assert type(again.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("how", ["llmquant.dequantize_", "model.dequantize"])
+def test_dequantized_model_saves_as_a_float_model(stories_dir, tmp_path, how):
+    import llmquant
+
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    quantize_(model, QuantConfig(bits=4, group_size=32), progress=False)
+    if how == "model.dequantize":  # transformers' own path needs a model loaded quantized
+        model.save_pretrained(tmp_path / "q")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).dequantize()
+    else:
+        llmquant.dequantize_(model)
+    assert getattr(model.config, "quantization_config", None) is None
+    again = reload_same(model, tmp_path / "float")
+    assert not any(isinstance(m, QuantLinear) for m in again.modules())
+    assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
+
+
+# Issue 22. 3: calibration longer than the model's positions, refused before any work
+
+CALIBRATED = ["clip", "gptq", "gptq-noclip", "awq", "gptq-awq", "gptaq", "gptq-rot"]
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(stories_dir, tmp_path_factory) -> Path:
+    """A random OPT (learned positions, max 64) with stories260k's tokenizer."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    folder = tmp_path_factory.mktemp("opt") / "opt"
+    config = OPTConfig(
+        vocab_size=512,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    OPTForCausalLM(config).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(stories_dir / name, folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", CALIBRATED)
+def test_calib_seqlen_above_the_positions_is_refused(stories_dir, tiny_opt, tmp_path, capsys, method):
+    assert quantize(stories_dir, tmp_path / "o", "--method", method, "--calib-seqlen", 1024) == 2
+    one_line_error(capsys, ["1024 tokens (--calib-seqlen)", "max_position_embeddings 512"])
+    assert quantize(tiny_opt, tmp_path / "o", "--method", method, "--calib-seqlen", 128) == 2
+    one_line_error(capsys, ["128 tokens", "max_position_embeddings 64"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_calib_seqlen_at_the_limit_works_on_learned_positions(tiny_opt, tmp_path):
+    args = ("--method", "gptq", "--calib-seqlen", 64, "--nsamples", 4, "--group-size", 32)
+    assert run_cli("quantize", tiny_opt, "-o", tmp_path / "o", "--bits", 4, "--quiet", *args) == 0
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "o").model.decoder.layers[0].fc1, QuantLinear)
+
+
+def test_quantize_in_place_refuses_calibration_longer_than_the_positions(stories_dir, tmp_path):
+    import llmquant
+
+    model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    tokens = torch.randint(3, 512, (2, 600))
+    with pytest.raises(ValueError, match="600 tokens .* max_position_embeddings 512"):
+        quantize_(model, QuantConfig(bits=4, group_size=32, method="gptq"), progress=False, calibration=tokens)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    from llmquant.checkpoint import quantize_checkpoint
+
+    calibration = llmquant.CalibrationSet(tokens=tokens, source="test", seed=0, tokens_available=1200)
+    with pytest.raises(ValueError, match="max_position_embeddings 512"):
+        quantize_checkpoint(str(stories_dir), tmp_path / "o", QuantConfig(method="gptq"), calibration=calibration)
+    assert not list(tmp_path.iterdir())

@@ -165,3 +165,23 @@ def test_decode_on_fewer_threads_gives_the_same_output_and_restores_torch_thread
     finally:
         torch.set_num_threads(threads)
     assert module.cpu_packed is not None and torch.equal(one, both)
+
+
+def test_cuda_without_triton_falls_back_to_dequantize_with_one_warning(monkeypatch):
+    import warnings
+    from types import SimpleNamespace
+
+    from llmquant import linear
+
+    monkeypatch.delenv(linear.KERNEL_ENV, raising=False)
+    monkeypatch.setattr(linear, "HAVE_TRITON", False)
+    linear._warn_no_triton.cache_clear()
+    cuda_input = SimpleNamespace(is_cuda=True)  # stands in for a CUDA tensor: _use_triton reads only is_cuda
+    hint = r'not installed: pip install "llmquant\[kernels\]"; quantized layers dequantize'
+    with pytest.warns(UserWarning, match=hint):
+        assert linear._use_triton(cuda_input) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not on every forward
+        assert linear._use_triton(cuda_input) is False
+    monkeypatch.setattr(linear, "HAVE_TRITON", True)
+    assert linear._use_triton(cuda_input) is True and linear._use_triton(SimpleNamespace(is_cuda=False)) is False

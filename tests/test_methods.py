@@ -261,10 +261,26 @@ def test_calibration_is_deterministic_and_checks_its_size(stories_dir):
         load_calibration(tokenizer, path.with_name("missing.txt"))
 
 
-def test_default_calibration_is_the_shared_c4_sample():
-    from llmquant.calibration import DEFAULT_CALIBRATION
+def test_default_calibration_is_c4_from_the_hub_and_offline_names_the_local_file_flag(stories_dir, tmp_path, capsys):
+    """The default is a Hub dataset, never a file beside the checkout; offline (conftest sets
+    HF_HUB_OFFLINE) it is one line saying how to pass a local file, before anything is written."""
+    from llmquant.calibration import DEFAULT_CALIBRATION, KNOWN_CALIBRATION, describe_source
+    from llmquant.cli import main
 
-    assert DEFAULT_CALIBRATION.is_file() and DEFAULT_CALIBRATION.name == "c4-calibration-sample.txt"
+    assert DEFAULT_CALIBRATION == "c4" and KNOWN_CALIBRATION["c4"].path == "allenai/c4"
+    assert describe_source("c4") == "allenai/c4 en/c4-validation.00000-of-00008.json.gz train[:2000]"
+    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
+    for source in (None, "c4", "someone/some-dataset"):
+        offline = r"not reachable \(HF_HUB_OFFLINE.*\); pass a local file instead: --calib PATH"
+        with pytest.raises(CalibrationError, match=offline):
+            load_calibration(tokenizer, source)
+    with pytest.raises(CalibrationError, match="calibration file not found"):  # a path is never taken for a Hub id
+        load_calibration(tokenizer, "./no/such/c4")
+    out = tmp_path / "default"
+    assert main(["quantize", str(stories_dir), "-o", str(out), "--method", "gptq", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'c4' comes from the Hugging Face Hub" in err and "--calib PATH" in err
+    assert not out.exists()
 
 
 def test_method_names_and_errors(stories_dir):

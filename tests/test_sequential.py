@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmquant
-from llmquant import QuantConfig, QuantLinear, sequential
+from llmquant import QuantConfig, QuantLinear, families, sequential
 from llmquant import calibrated_checkpoint as cc
 from llmquant.calibration import load_calibration
 from llmquant.cli import main
@@ -176,14 +176,26 @@ def test_rotated_quantize_unties_the_head_and_reloads(stories_dir, tokens, tmp_p
         assert torch.equal(model(input_ids=tokens[:2]).logits, again(input_ids=tokens[:2]).logits)
 
 
-def test_rotation_refuses_a_norm_that_does_not_commute(stories_dir, tokens):
-    """A final LayerNorm (mean subtraction does not commute with a rotation): an error naming it,
-    the model untouched."""
+@pytest.mark.parametrize("family_check", [True, False], ids=["family-check", "safety-net"])
+def test_rotation_refuses_a_norm_that_does_not_commute(stories_dir, tokens, monkeypatch, family_check):
+    """A final LayerNorm (mean subtraction does not commute with a rotation): refused before any
+    calibration work by the family check, naming the family, the reason and the module; without
+    that check (a family it does not know) the commutation check still refuses it. The model is
+    untouched either way."""
     model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
     model.model.norm = torch.nn.LayerNorm(64)
     before, types = _snapshot(model), {name: type(m) for name, m in model.named_modules()}
-    with pytest.raises(ValueError, match="model.norm: rotation needs RMS norms"):
+    captured = []
+    capture = sequential._blocks_inputs
+    monkeypatch.setattr(sequential, "_blocks_inputs", lambda *args: captured.append(1) or capture(*args))
+    if family_check:
+        expected = r"llama: --method gptq-rot cannot rotate this family: LayerNorm .* \(model.norm\)"
+    else:
+        monkeypatch.setattr(families, "rotation_refusal", lambda model: None)
+        expected = "model.norm: rotation needs RMS norms"
+    with pytest.raises(ValueError, match=expected):
         llmquant.quantize_(model, QuantConfig(bits=4, group_size=32, method="gptq-rot"), calibration=tokens)
+    assert captured == ([] if family_check else [1])  # the family check runs before any block input is captured
     _assert_unchanged(model, before, types, training=False)
 
 

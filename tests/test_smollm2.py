@@ -54,7 +54,8 @@ def test_rotation_brings_int3_closer_to_float_than_gptq(smollm2_dir, wikitext_id
     KL to float on 512 held-out WikiText tokens falls below gptq's (0.588 against 0.651 when
     written: 0.90x; perplexity on the full protocol in evals/results/smollm2-135m-methods.md)."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    calibration = llmquant.load_calibration(tokenizer, nsamples=16, seqlen=256)
+    c4_sample = SHARED_DATA / "c4-calibration-sample.txt"
+    calibration = llmquant.load_calibration(tokenizer, c4_sample, nsamples=16, seqlen=256)
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     with torch.no_grad():
         reference = torch.log_softmax(base(wikitext_ids).logits.double(), -1)

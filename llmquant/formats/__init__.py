@@ -6,13 +6,16 @@ Every format module has the same functions (a module is the strategy, no class h
 
 - ``NAME``: the ``--format`` spelling; ``MEMBERS``: tensor suffixes of a quantized layer;
 - ``check_layer(module, n, k, config)``: raise FormatError if the layer cannot be expressed;
+- ``check_model(quantized, kept)``: raise FormatError if the split of the linears into quantized and
+  float (full names) cannot be expressed;
 - ``layer_specs(module, n, k, scale_dtype, config)``: the TensorSpecs ``export_layer`` writes;
 - ``export_layer(module, packed, n, k, config)``: llmquant tensors -> this format's tensors;
 - ``import_layer(module, tensors, n, k, config, source_qc)``: this format's tensors -> llmquant
   tensors (`source_qc`: the checkpoint's raw quantization_config);
-- ``quantization_config(config)`` / ``parse_config(quantization_config)``;
+- ``quantization_config(config, quantized=())`` / ``parse_config(quantization_config)``: ``quantized``
+  lists the quantized linears' full names (GPTQ's ``modules_in_block_to_quantize`` needs them);
 - ``engine_warnings(config)``: formats the file can hold but the engines' fast kernels cannot run;
-- ``LOAD_HELP``: how engines load an export (for the model card).
+- ``load_help(config)``: how engines load an export of that config (for the model card).
 
 "llmquant tensors" (``packed``) are {"qweight": [ceil(K/V), N] int32, "scales": [G, N] float,
 "qzeros": [G, N] uint8 (asymmetric only)}, as `llmquant.quantize.quantize_weight` returns them.

@@ -47,3 +47,49 @@ def expect_shape(module: str, name: str, tensor: torch.Tensor, shape: tuple[int,
 
 def groups_of(k: int, config: QuantConfig) -> int:
     return num_groups(k, config.group_size)
+
+
+# vLLM's mixed-precision kernels (read from its source; docs/FORMAT.md, "Serving"): Marlin
+# (compute capability >= 8.0) takes group sizes -1/32/64/128, symmetric uint4b8/uint8b128 and,
+# with zero points, uint4 only; Machete (Hopper, 9.0) takes -1/64/128, symmetric or with zero
+# points, 4 and 8 bits.
+MARLIN_GROUPS = (-1, 32, 64, 128)
+MACHETE_GROUPS = (-1, 64, 128)
+
+
+def vllm_path(fmt: str, config: QuantConfig) -> str | None:
+    """The kernels vLLM runs an export on (one line), or None where it has no supported path.
+
+    GPTQ: symmetric only (vLLM's GPTQ config refuses sym=False), Marlin group sizes.
+    compressed-tensors: symmetric, or asymmetric int4 (Machete or Marlin with zero points), or
+    asymmetric int8 on Hopper only (Machete; Marlin has no uint8 with zero points)."""
+    if config.bits not in ENGINE_BITS or config.group_size not in MARLIN_GROUPS:
+        return None
+    machete = config.group_size in MACHETE_GROUPS
+    if config.sym:
+        hopper = "Machete on Hopper" if machete else "Marlin on Hopper (Machete has no g32)"
+        return f"{hopper}, Marlin on Ampere/Ada"
+    if fmt != "compressed-tensors":
+        return None
+    if config.bits == 4:
+        hopper = "Machete with zero points on Hopper" if machete else "Marlin with zero points on Hopper"
+        return f"{hopper}, Marlin with zero points on Ampere/Ada"
+    if not machete:
+        return None
+    return "Machete with zero points on Hopper only (no Ampere/Ada kernel for int8 with zero points)"
+
+
+def serving_warnings(config: QuantConfig) -> list[str]:
+    """Group sizes vLLM's fast kernels cannot run, whatever the format."""
+    if config.group_size in MARLIN_GROUPS:
+        return []
+    return [
+        f"group size {config.group_size}: vLLM's Marlin and Machete kernels take group sizes -1, 32, 64 and 128 "
+        "only; publish g128 (or g64) to serve with vLLM"
+    ]
+
+
+SERVING_RECOMMENDATION = (
+    "for serving with vLLM/SGLang on their fast kernels publish symmetric int4: --sym --group-size 128 "
+    "(or 64), in --format gptq or compressed-tensors"
+)

@@ -18,6 +18,8 @@ layer has no zero point (implicit 2^(b-1), as in llmquant). Group size -1 is str
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..config import QuantConfig
@@ -29,15 +31,42 @@ from .common import check_common, expect_shape, groups_of, pack_along_n, unpack_
 NAME = "compressed-tensors"
 FORMAT = "pack-quantized"
 MEMBERS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
-LOAD_HELP = """- vLLM: `vllm serve THIS_FOLDER_OR_REPO` (quantization is read from config.json; 4/8-bit layers run
-  on the Marlin/Machete WNA16 kernels);
-- SGLang: `python -m sglang.launch_server --model-path THIS_FOLDER_OR_REPO`;
-- transformers (with `compressed-tensors` installed): `AutoModelForCausalLM.from_pretrained("THIS_FOLDER_OR_REPO")`;
-- llmquant's kernels: `llmquant.load("THIS_FOLDER_OR_REPO")`."""
+
+
+def load_help(config: QuantConfig) -> str:
+    """How engines load an export of `config` (the model card's "Load" section)."""
+    from .common import vllm_path
+
+    lines = []
+    path = vllm_path(NAME, config)
+    if path:
+        lines.append(f"- vLLM: `vllm serve THIS_FOLDER_OR_REPO` (quantization is read from config.json; {path});")
+    else:
+        lines.append("- vLLM: no supported kernel for this configuration (docs/FORMAT.md of llmquant, \"Serving\");")
+    launch = "`python -m sglang.launch_server --model-path THIS_FOLDER_OR_REPO`"
+    if config.sym:
+        lines.append(f"- SGLang: {launch};")
+        lines.append(
+            "- transformers (with `compressed-tensors` installed): "
+            '`AutoModelForCausalLM.from_pretrained("THIS_FOLDER_OR_REPO")`;'
+        )
+    else:
+        lines.append(f"- SGLang: {launch} (releases from 2026 on; older ones read symmetric layers only);")
+        lines.append(
+            "- transformers: not loadable: compressed-tensors' transformers integration sizes an asymmetric "
+            "layer's packed `weight_zero_point` unpacked and refuses it (the layout written here is llm-compressor's "
+            "and vLLM's); export with `--sym` for transformers and SGLang;"
+        )
+    lines.append('- llmquant\'s kernels: `llmquant.load("THIS_FOLDER_OR_REPO")`.')
+    return "\n".join(lines)
 
 
 def check_layer(module: str, n: int, k: int, config: QuantConfig) -> None:
     check_common("compressed-tensors", module, n, k, config)
+
+
+def check_model(quantized: Sequence[str], kept: Sequence[str]) -> None:
+    """`ignore` lists any set of float linears by full name: nothing to refuse."""
 
 
 def layer_specs(module: str, n: int, k: int, scale_dtype: torch.dtype, config: QuantConfig) -> list[TensorSpec]:
@@ -92,7 +121,7 @@ def import_layer(
     return packed
 
 
-def quantization_config(config: QuantConfig) -> dict:
+def quantization_config(config: QuantConfig, quantized: Sequence[str] = ()) -> dict:
     """What `compressed_tensors.QuantizationConfig` validates and vLLM's CompressedTensorsConfig
     reads: one config group targeting Linear, `ignore` naming every linear kept in float."""
     from .. import __version__
@@ -154,9 +183,15 @@ def parse_config(quantization_config: dict) -> QuantConfig:
 
 
 def engine_warnings(config: QuantConfig) -> list[str]:
-    if config.sym:
-        return []
-    return [
-        "asymmetric compressed-tensors: vLLM runs zero-point WNA16 only on kernels that support it "
-        "(Marlin, recent releases); other engines and older vLLM need symmetric (--sym) checkpoints"
-    ]
+    """What the engines cannot load or serve fast (docs/FORMAT.md, "Serving")."""
+    from .common import SERVING_RECOMMENDATION, serving_warnings
+
+    warnings = serving_warnings(config)
+    if not config.sym:
+        where = "Hopper only (Machete)" if config.bits == 8 else "Machete/Marlin with zero points"
+        warnings.insert(
+            0,
+            f"asymmetric compressed-tensors: vLLM serves it on {where}; transformers' compressed-tensors "
+            "integration refuses asymmetric layers (and SGLang before 2026). Export --sym for every engine",
+        )
+    return warnings + [SERVING_RECOMMENDATION] if warnings else []

@@ -10,13 +10,22 @@ Tensors of a quantized linear `P` (W: [N, K], V = 32 / bits codes per int32 word
 | `P.scales` | float | [G, N] | per-group scale (= llmquant's) |
 | `P.g_idx` | int32 | [K] | group of input k: k // group_size (no act-order) |
 
-W[n, k] = (code(k, n) - zero[g_idx[k], n]) * scales[g_idx[k], n]. We write `checkpoint_format:
-"gptq"` (v1, the form every loader reads): a symmetric layer stores zero 2^(b-1) as 2^(b-1) - 1,
-an asymmetric zero z as z - 1, so z = 0 cannot be stored and is refused. v2 (`gptq_v2`, zeros as
-they are) is read.
+W[n, k] = (code(k, n) - zero[g_idx[k], n]) * scales[g_idx[k], n]. A symmetric export is
+`checkpoint_format: "gptq"` (v1, the form every loader reads: zero 2^(b-1) stored as 2^(b-1) - 1).
+An asymmetric export is `checkpoint_format: "gptq_v2"` (zeros stored as they are), the form
+GPTQModel keeps internally: GPTQModel refuses asymmetric v1 checkpoints it did not write itself
+(v1's "zero - 1" cannot hold a zero of 0), and vLLM serves no asymmetric GPTQ at all. Both are read.
+
+Layers kept in float inside the blocks (`--skip`) are written the two ways the readers look for
+them: GPTQModel's `dynamic` negative rules (`-:^<full module name>$`, matched by GPTQModel and vLLM
+against full module names) and `modules_in_block_to_quantize` (what transformers/optimum and vLLM
+read: the block-relative names of the quantized linears, the same in every block).
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Sequence
 
 import torch
 
@@ -28,12 +37,32 @@ from .common import check_common, expect_shape, groups_of, pack_along_n, unpack_
 
 NAME = "gptq"
 MEMBERS = ("qweight", "qzeros", "scales", "g_idx")
-CHECKPOINT_FORMAT = "gptq"  # v1
-LOAD_HELP = """- vLLM: `vllm serve THIS_FOLDER_OR_REPO` (quantization is read from config.json; symmetric 4/8-bit
-  layers run on the gptq_marlin kernels);
-- SGLang: `python -m sglang.launch_server --model-path THIS_FOLDER_OR_REPO`;
-- transformers (with `gptqmodel` installed): `AutoModelForCausalLM.from_pretrained("THIS_FOLDER_OR_REPO")`;
-- llmquant's kernels: `llmquant.load("THIS_FOLDER_OR_REPO")`."""
+CHECKPOINT_FORMAT = "gptq"  # v1: symmetric exports
+CHECKPOINT_FORMAT_ASYM = "gptq_v2"  # zeros as they are: asymmetric exports
+BLOCK = re.compile(r"^(?P<prefix>.+?)[.](?P<index>[0-9]+)[.](?P<inner>.+)$")
+
+
+def load_help(config: QuantConfig) -> str:
+    """How engines load an export of `config` (the model card's "Load" section)."""
+    from .common import vllm_path
+
+    path = vllm_path(NAME, config)
+    if path:
+        lines = [
+            f"- vLLM: `vllm serve THIS_FOLDER_OR_REPO` (quantization is read from config.json; {path});",
+            "- SGLang: `python -m sglang.launch_server --model-path THIS_FOLDER_OR_REPO`;",
+        ]
+    elif not config.sym:
+        lines = ["- vLLM and SGLang: not served (their GPTQ kernels are symmetric-only; export with `--sym`);"]
+    else:
+        lines = ["- vLLM: no Marlin/Machete kernel for this group size (export g128 or g64 to serve it);"]
+    lines += [
+        "- transformers: `pip install optimum gptqmodel` (transformers reads GPTQ through optimum's GPTQ "
+        'quantizer and GPTQModel\'s kernels), then `AutoModelForCausalLM.from_pretrained("THIS_FOLDER_OR_REPO")`;',
+        '- GPTQModel: `GPTQModel.load("THIS_FOLDER_OR_REPO")`;',
+        '- llmquant\'s kernels: `llmquant.load("THIS_FOLDER_OR_REPO")`.',
+    ]
+    return "\n".join(lines)
 
 
 def check_layer(module: str, n: int, k: int, config: QuantConfig) -> None:
@@ -57,22 +86,25 @@ def layer_specs(module: str, n: int, k: int, scale_dtype: torch.dtype, config: Q
     ]
 
 
+def checkpoint_format(config: QuantConfig) -> str:
+    """"gptq" (v1) for a symmetric export, "gptq_v2" for an asymmetric one."""
+    return CHECKPOINT_FORMAT if config.sym else CHECKPOINT_FORMAT_ASYM
+
+
 def export_layer(module: str, packed: dict[str, torch.Tensor], n: int, k: int, config: QuantConfig) -> dict:
-    """llmquant tensors -> GPTQ v1 tensors (qweight and scales are shared bit for bit)."""
+    """llmquant tensors -> GPTQ tensors (qweight and scales are shared bit for bit): v1 zeros
+    (2^(b-1) - 1 everywhere) when symmetric, v2 zeros (llmquant's, as they are) when asymmetric.
+
+    Returns {"qweight": [K/V, N] int32, "qzeros": [G, N/V] int32, "scales": [G, N] float,
+    "g_idx": [K] int32}."""
     groups = groups_of(k, config)
     if config.sym:
-        zeros = torch.full((groups, n), 1 << (config.bits - 1), dtype=torch.int32)
+        stored = torch.full((groups, n), (1 << (config.bits - 1)) - 1, dtype=torch.int32)
     else:
-        zeros = packed["qzeros"].to(torch.int32)
-        if bool((zeros == 0).any()):
-            g, col = (zeros == 0).nonzero()[0].tolist()
-            raise FormatError(
-                f"{module}: zero point 0 (group {g}, output {col}) cannot be stored in GPTQ v1, which stores "
-                "zero - 1; export with --sym, or to compressed-tensors"
-            )
+        stored = packed["qzeros"].to(torch.int32)
     return {
         "qweight": packed["qweight"],
-        "qzeros": pack_along_n(zeros - 1, config.bits, module, "zero point").t().contiguous(),
+        "qzeros": pack_along_n(stored, config.bits, module, "zero point").t().contiguous(),
         "scales": packed["scales"],
         "g_idx": _group_index(k, config),
     }
@@ -98,6 +130,12 @@ def import_layer(
         )
     stored = unpack_along_n(tensors["qzeros"].t(), bits, n).to(torch.int32)
     zeros = stored + 1 if source_qc.get("checkpoint_format", "gptq") == "gptq" else stored
+    if bool((zeros >= 1 << bits).any()):  # v1's stored 2^b - 1: out of range, and a uint8 would wrap it
+        g, col = (zeros >= 1 << bits).nonzero()[0].tolist()
+        raise FormatError(
+            f"{module}: zero point {int(zeros[g, col])} (group {g}, output {col}) is outside [0, {1 << bits}) "
+            f"for {bits}-bit codes; the checkpoint is corrupt"
+        )
     packed = {"qweight": tensors["qweight"], "scales": tensors["scales"]}
     if config.sym:
         if not bool((zeros == 1 << (bits - 1)).all()):
@@ -107,28 +145,69 @@ def import_layer(
     return packed
 
 
-def quantization_config(config: QuantConfig) -> dict:
-    """The fields transformers' GPTQConfig / gptqmodel and vLLM's GPTQ configs read. Layers kept
-    in float inside the blocks (anything skipped besides the output head) are listed in
-    gptqmodel's `dynamic` as negative matches, which vLLM also honours."""
+def skip_rule(module: str) -> str:
+    """The GPTQModel `dynamic` key that keeps exactly the module `module` (a full name) in float."""
+    return f"-:^{re.escape(module).replace(chr(92) + '.', '[.]')}$"
+
+
+def block_relative(module: str) -> tuple[str, str] | None:
+    """("model.layers", "mlp.down_proj") for "model.layers.3.mlp.down_proj"; None outside the blocks."""
+    match = BLOCK.match(module)
+    return (match["prefix"], match["inner"]) if match else None
+
+
+def check_model(quantized: Sequence[str], kept: Sequence[str]) -> None:
+    """Refuse what transformers' GPTQ loader (optimum) would load wrong: a quantized output head
+    (optimum keeps `lm_head` a float Linear, so its packed tensors would go unread), and float
+    linears `modules_in_block_to_quantize` cannot express (optimum quantizes, in every block,
+    each linear whose block-relative name it lists: a name quantized in one block must be
+    quantized in all). `quantized` and `kept` are full module names."""
+    if "lm_head" in quantized:
+        raise FormatError(
+            "lm_head: a quantized output head (lm_head: true) is not read by transformers' GPTQ loader (optimum); "
+            "keep it in float (add lm_head to --skip) or export to compressed-tensors"
+        )
+    inner_quantized = {rel[1] for rel in map(block_relative, quantized) if rel}
+    for module in kept:
+        rel = block_relative(module)
+        if rel and rel[1] in inner_quantized:
+            raise FormatError(
+                f"{module}: kept in float while {rel[1]} of other blocks is quantized; transformers' GPTQ loader "
+                f"(modules_in_block_to_quantize) needs the same layers in every block: skip {rel[1]} everywhere "
+                "or export to compressed-tensors"
+            )
+
+
+def quantization_config(config: QuantConfig, quantized: Sequence[str] = ()) -> dict:
+    """The fields transformers' GPTQConfig (optimum), GPTQModel and vLLM's GPTQ config read.
+
+    `config.modules_to_not_convert` holds full module names here. Linears kept in float inside
+    the blocks become GPTQModel `dynamic` negative rules on their full names, and, given the
+    quantized linears' full names `quantized`, `modules_in_block_to_quantize` lists the
+    block-relative names that are quantized (written only when something inside a block is
+    kept in float)."""
     from .. import __version__
 
-    skipped = [name for name in config.modules_to_not_convert or [] if name != "lm_head"]
+    kept = [name for name in config.modules_to_not_convert or [] if name != "lm_head"]
     qc = {
         "quant_method": "gptq",
         "bits": config.bits,
         "group_size": config.group_size,
         "desc_act": False,
         "sym": config.sym,
-        "static_groups": False,
-        "true_sequential": True,
-        "lm_head": False,
-        "checkpoint_format": CHECKPOINT_FORMAT,
+        "lm_head": False,  # a quantized head is refused (check_model): optimum would not read it
+        "method": "gptq",  # GPTQModel's quantization method field (what the kernels read), not llmquant's
+        "checkpoint_format": checkpoint_format(config),
+        "format": checkpoint_format(config),  # GPTQModel writes both spellings
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"llmquant:{__version__}"], "method": config.method},
+        "meta": {"quantizer": [f"llmquant:{__version__}"], "method": config.method, "static_groups": False},
     }
-    if skipped:
-        qc["dynamic"] = {f"-:^{name.replace('.', '[.]')}$": {} for name in skipped}
+    in_blocks = [name for name in kept if block_relative(name)]
+    if in_blocks:
+        qc["dynamic"] = {skip_rule(name): {} for name in in_blocks}
+        inner = dict.fromkeys(rel[1] for rel in map(block_relative, quantized) if rel)
+        if inner:
+            qc["modules_in_block_to_quantize"] = [list(inner)]
     return qc
 
 
@@ -141,17 +220,26 @@ def parse_config(quantization_config: dict) -> QuantConfig:
         raise FormatError(f"GPTQ checkpoint_format {fmt!r} is not read (only 'gptq' and 'gptq_v2')")
     if qc.get("bits") not in (2, 4, 8):
         raise FormatError(f"GPTQ bits {qc.get('bits')!r}: llmquant reads 2, 4 and 8-bit GPTQ checkpoints")
-    if qc.get("dynamic"):
-        raise FormatError("GPTQ checkpoints with per-module 'dynamic' overrides are not read by llmquant")
-    if qc.get("lm_head"):
-        raise FormatError("GPTQ checkpoints with a quantized lm_head are not read by llmquant")
+    for rule, override in (qc.get("dynamic") or {}).items():
+        # negative rules keep layers in float (their tensors say so); a positive rule that changes
+        # bits, group size or symmetry would make a mixed-precision model llmquant's layout cannot hold
+        changed = {k: v for k, v in (override or {}).items() if qc.get(k) != v}
+        if not rule.startswith("-:") and changed:
+            raise FormatError(
+                f"GPTQ 'dynamic' rule {rule!r} overrides {sorted(changed)}: llmquant does not read mixed-precision GPTQ"
+            )
     return QuantConfig(bits=qc["bits"], group_size=qc.get("group_size", 128), sym=bool(qc.get("sym", True)))
 
 
 def engine_warnings(config: QuantConfig) -> list[str]:
-    if config.sym:
-        return []
-    return [
-        "asymmetric GPTQ: vLLM's gptq_marlin kernels run symmetric GPTQ only; vLLM serves this "
-        "checkpoint with its slower 'gptq' (exllama) kernel"
-    ]
+    """What the serving engines cannot run (docs/FORMAT.md, "Serving")."""
+    from .common import SERVING_RECOMMENDATION, serving_warnings
+
+    warnings = serving_warnings(config)
+    if not config.sym:
+        warnings.insert(
+            0,
+            "asymmetric GPTQ (written as gptq_v2): vLLM and SGLang refuse it (their GPTQ kernels are symmetric-only); "
+            "transformers and GPTQModel load it. To serve with vLLM, export --sym (or compressed-tensors)",
+        )
+    return warnings + [SERVING_RECOMMENDATION] if warnings else []

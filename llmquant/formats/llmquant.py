@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..config import QuantConfig
@@ -24,8 +26,17 @@ Serving engines (vLLM, SGLang, TGI) do not read this layout; `llmquant convert T
 --format compressed-tensors` (or `gptq`) rewrites it for them without re-quantizing."""
 
 
+def load_help(config: QuantConfig) -> str:
+    """How engines load an export of `config` (the model card's "Load" section)."""
+    return LOAD_HELP
+
+
 def check_layer(module: str, n: int, k: int, config: QuantConfig) -> None:
     """Every QuantConfig is expressible in llmquant's own layout."""
+
+
+def check_model(quantized: Sequence[str], kept: Sequence[str]) -> None:
+    """modules_to_not_convert lists any set of float linears: nothing to refuse."""
 
 
 def layer_specs(module: str, n: int, k: int, scale_dtype: torch.dtype, config: QuantConfig) -> list[TensorSpec]:
@@ -49,7 +60,7 @@ def import_layer(
     return {key: tensors[key] for key in MEMBERS if key in tensors}
 
 
-def quantization_config(config: QuantConfig) -> dict:
+def quantization_config(config: QuantConfig, quantized: Sequence[str] = ()) -> dict:
     return config.to_dict()
 
 

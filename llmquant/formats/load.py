@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..source import read_json_object, safetensors_names, weight_files
 from . import detect_format
 
 
 def checkpoint_format(path: str | Path) -> str | None:
     """"llmquant", "gptq", "compressed-tensors", or None (floating point) for a model folder."""
     config_path = Path(path).expanduser() / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {config_path}: {error}") from None
-    return detect_format(config.get("quantization_config"))
+    config = read_json_object(config_path)  # CheckpointError naming the file (unreadable, a list, ...)
+    quantization = config.get("quantization_config")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise CheckpointError(f"{config_path}: quantization_config must be an object, got {quantization!r}")
+    return detect_format(quantization)
 
 
 def load(path: str | Path, **from_pretrained_kwargs: Any) -> Any:
@@ -37,6 +37,11 @@ def load(path: str | Path, **from_pretrained_kwargs: Any) -> Any:
     hf.register()
     fmt = checkpoint_format(path)
     if fmt in (None, "llmquant"):
+        folder = Path(path).expanduser()
+        if folder.is_dir():  # a truncated or foreign shard is named here, not deep inside transformers
+            for file in weight_files(folder):
+                if file.suffix == ".safetensors":
+                    safetensors_names(file)
         return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
     with tempfile.TemporaryDirectory(prefix="llmquant-load-") as scratch:
         converted = Path(scratch) / "model"

@@ -27,10 +27,13 @@ from ..convert import router_linears
 from ..errors import CheckpointError
 from ..experts import MEMBERS as EXPERT_MEMBERS
 from ..experts import PROJECTIONS, is_experts
-from ..modelcard import write_model_card
-from ..publish import check_output, copy_side_files, staged_output
+from ..families import is_linear, linear_features
+from ..modelcard import card_base_model, write_model_card
+from ..plan import Skeleton, check_shapes, may_be_missing
+from ..publish import check_output, copy_side_files, side_files, staged_output
 from ..shards import ShardedWriter, TensorSpec, parse_size
-from ..source import resolve_source, tensor_specs, weight_files
+from ..source import check_inside, read_json_object, resolve_source, safetensors_names, tensor_specs, weight_files
+from ..verify import check_packed
 from . import FormatError, detect_format, get_format
 from .experts import expert_specs, export_experts, import_experts, source_names
 
@@ -62,21 +65,23 @@ class Layer:
 
 
 def read_quantized_config(src: Path) -> dict:
-    """config.json of a quantized folder (a floating-point one is refused)."""
+    """config.json of a quantized folder (a floating-point one is refused), a JSON object whose
+    quantization_config is an object; CheckpointError naming the file otherwise."""
     path = src / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: the source is not a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from None
-    if not config.get("quantization_config"):
+    check_inside(path, src)
+    config = read_json_object(path)
+    quantization = config.get("quantization_config")
+    if not quantization:
         raise CheckpointError(f"{src} is not quantized (no quantization_config); use `llmquant quantize`")
+    if not isinstance(quantization, dict):
+        raise CheckpointError(f"{path}: quantization_config must be an object, got {quantization!r}")
     return config
 
 
 def meta_model(src: Path) -> torch.nn.Module:
-    """The float architecture described by src/config.json as a meta skeleton (no weights read)."""
+    """The float architecture described by src/config.json, on the meta device (no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -89,25 +94,34 @@ def meta_model(src: Path) -> torch.nn.Module:
         raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
 
 
-def linear_shapes(src: Path, model: torch.nn.Module | None = None) -> dict[str, tuple[int, int, bool]]:
-    """{module name: (out_features N, in_features K, has bias)} of every nn.Linear of the model
-    described by src/config.json, from a meta skeleton (no weights read)."""
-    model = model if model is not None else meta_model(src)
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
+    """{module name: (out_features N, in_features K, has bias)} of every nn.Linear of `model`."""
     return {
-        name: (module.out_features, module.in_features, module.bias is not None)
+        name: (*linear_features(module)[::-1], module.bias is not None)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
+        if is_linear(module)  # nn.Linear and GPT-2's Conv1D (written as a QuantLinear)
     }
 
 
+def float_plan(model: torch.nn.Module, layers: dict[str, Layer], experts: set[str] = frozenset()) -> Skeleton:
+    """What the source's float tensors (everything but the quantized layers' own tensors and the
+    experts tensors, read by their own rules) must be, as `plan.check_shapes` reads it: {name:
+    shape} of the skeleton's state dict without those, and the names a checkpoint may lack (tied copies)."""
+    shapes = {
+        name: tuple(tensor.shape)
+        for name, tensor in model.state_dict().items()
+        if name.rpartition(".")[0] not in layers and name not in experts
+    }
+    return Skeleton(targets={}, skip=[], shapes=shapes, optional=may_be_missing(model))
+
+
 def tensor_files(files: list[Path]) -> dict[str, Path]:
-    """{tensor name: safetensors file holding it}."""
+    """{tensor name: safetensors file holding it}; a truncated or unreadable file is named."""
     where = {}
     for path in files:
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: convert reads safetensors checkpoints only")
-        with safe_open(str(path), framework="pt") as handle:
-            where.update(dict.fromkeys(handle.keys(), path))
+        where.update(dict.fromkeys(safetensors_names(path), path))
     return where
 
 
@@ -143,6 +157,11 @@ def find_layers(
     return layers
 
 
+def owned(layers: dict[str, Layer]) -> set[str]:
+    """Names of the source tensors that belong to quantized layers (read and converted per layer)."""
+    return {name for layer in layers.values() for name in layer.members.values()}
+
+
 def plan(
     specs: list[TensorSpec], layers: dict[str, Layer], source: ModuleType, target: ModuleType, config: QuantConfig
 ) -> tuple[list[TensorSpec], list[tuple[str, object]]]:
@@ -150,6 +169,7 @@ def plan(
     a layer emitted where its first tensor was. Checks every layer against the target first."""
     for layer in layers.values():
         target.check_layer(layer.module, layer.n, layer.k, config)
+    target.check_model(list(layers), config.modules_to_not_convert or [])
     owner = {name: layer for layer in layers.values() for name in layer.members.values()}
     by_name = {spec.name: spec for spec in specs}
     out, steps, done = [], [], set()
@@ -228,11 +248,12 @@ def convert_checkpoint(
     model_config = read_quantized_config(source_dir)
     source_qc = model_config["quantization_config"]
     source = get_format(detect_format(source_qc))
+    side_files(source_dir)  # a link out of the source is refused now, before writing
     files = weight_files(source_dir)
     where = tensor_files(files)
     specs = tensor_specs(files)
     model = meta_model(source_dir)
-    shapes = linear_shapes(source_dir, model)
+    shapes = linear_shapes(model)
     parsed = source.parse_config(source_qc)
     stacked = [f"{name.rpartition('.')[0]}.{b}" for name in expert_names_of(model) for b in _stacked_names(name)]
     conversion = Conversion(model, [spec.name for spec in specs], extra=stacked)
@@ -240,13 +261,28 @@ def convert_checkpoint(
     experts, expert_names = _stored_experts(model, source, specs, parsed, raw_of)
     specs = [spec for spec in specs if spec.name not in expert_names]  # converted by `_convert_experts`
     layers = find_layers(specs, source, shapes)
+    # the float tensors (embeddings, norms, head) must be the model's, as quantize checks them,
+    # under the model's names (transformers' renames, e.g. GPT-NeoX's embed_out)
+    members = owned(layers)
+    model_name = {raw: key for key, raw in raw_of.items()}
+    check_shapes(
+        [TensorSpec(model_name.get(s.name, s.name), s.dtype, s.shape) for s in specs if s.name not in members],
+        float_plan(model, layers, set(expert_names_of(model))),
+        source_dir / "config.json",
+    )
     router_modules = router_linears(model)
     routers = {module_name for module_name, module in model.named_modules() if module in router_modules}
     kept = sorted(name for name in shapes if name not in layers and name not in routers)  # routers: always float
     kept += sorted(
         {name.rpartition(".")[0] for name in expert_names_of(model)} - {n.rpartition(".")[0] for n in experts}
     )
-    method = source_qc.get("method") or (source_qc.get("meta") or {}).get("method") or "rtn"
+    # llmquant's method as llmquant wrote it (GPTQ: meta.method, the top-level `method` being GPTQModel's)
+    method = (
+        (source_qc.get("meta") or {}).get("method")
+        or (source_qc.get("provenance") or {}).get("method")
+        or source_qc.get("method")
+        or "rtn"
+    )
     config = QuantConfig(
         bits=parsed.bits, group_size=parsed.group_size, sym=parsed.sym, method=method, modules_to_not_convert=kept
     )
@@ -260,7 +296,7 @@ def convert_checkpoint(
         source.NAME, target.NAME, len(layers) + len(experts), warnings=target.engine_warnings(config)
     )
 
-    with staged_output(out) as staging:
+    with staged_output(out, overwrite) as staging:
         writer = ShardedWriter(staging, output_specs, max_bytes)
         bar = tqdm(total=len(layers), desc=f"{source.NAME} -> {target.NAME}", unit="layer", disable=not progress)
         for kind, item in steps:
@@ -283,6 +319,8 @@ def convert_checkpoint(
             layer: Layer = item
             tensors = {m: read_tensor(where, name) for m, name in layer.members.items() if m != "bias"}
             packed = source.import_layer(layer.module, tensors, layer.n, layer.k, config, source_qc)
+            # the same checks as loading (shapes, dtypes, values): nothing is carried over unchecked
+            check_packed(layer.module, packed, layer.n, layer.k, config)
             for suffix, tensor in target.export_layer(layer.module, packed, layer.n, layer.k, config).items():
                 writer.write(f"{layer.module}.{suffix}", tensor)
             if layer.has_bias:
@@ -294,9 +332,12 @@ def convert_checkpoint(
         bar.close()
         writer.close()
         summary.bytes_after = writer.total_bytes
-        model_config["quantization_config"] = target.quantization_config(config)
+        model_config["quantization_config"] = target.quantization_config(config, list(layers))
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         copy_side_files(source_dir, staging)
-        write_model_card(staging / "README.md", base_model=src, config=config, summary=None, fmt=target.NAME)
+        write_model_card(
+            staging / "README.md", base_model=card_base_model(source_dir, src), config=config, summary=None,
+            fmt=target.NAME, quantization_config=model_config["quantization_config"], converted_from=src,
+        )
     summary.seconds = time.perf_counter() - start
     return summary

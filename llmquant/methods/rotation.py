@@ -31,6 +31,8 @@ import copy
 import torch
 from torch import nn
 
+from ..families import linear_weight
+
 SEED = 0  # of the random rotations: the same checkpoint for the same model and calibration
 
 
@@ -63,25 +65,50 @@ def _write(parameter: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def fold_norm_(norm: nn.Module, readers: list[nn.Module]) -> None:
-    """Fold the norm's weight g: [K] into the linears reading its output (W <- W diag(g)); g <- 1."""
-    g = norm.weight.double()
+def weight_offset(norm: nn.Module) -> float:
+    """c in norm(x) = unit(x) * (c + w) for a norm with weight w: 0 for Llama's RMS norm, 1 for
+    Gemma's (stored weights are w, the scale is 1 + w). Measured on a probe, so any norm of that
+    form is recognised: with w = 0 the output is c * unit(x), with w = 1 it is (c + 1) * unit(x).
+    A norm of another form (a LayerNorm with a bias) gives a value the block check then refuses."""
+    probe = copy.deepcopy(norm).to(device="cpu", dtype=torch.float32)
+    x = torch.randn(4, probe.weight.shape[0], generator=torch.Generator().manual_seed(SEED))
+    probe.weight.data.fill_(0)
+    zero = probe(x).double()
+    probe.weight.data.fill_(1)
+    step = probe(x).double() - zero  # unit(x)
+    return round(((zero * step).sum() / (step * step).sum().clamp(min=1e-30)).item())
+
+
+def norm_gain(weight: torch.Tensor, offset: float) -> torch.Tensor:
+    """A norm's per-channel scale c + w for its weight w: [D]; float64."""
+    return weight.double() + offset
+
+
+@torch.no_grad()
+def fold_norm_(norm: nn.Module, readers: list[nn.Module], offset: float = 0.0) -> None:
+    """Fold the norm's scale g = offset + w: [K] into the linears reading its output
+    (W <- W diag(g)); then w <- 1 - offset, so that the norm's scale is 1 (a pure RMS
+    normalisation, which commutes with a rotation). offset: `weight_offset(norm)`."""
+    g = norm_gain(norm.weight, offset)
     for reader in readers:
-        _write(reader.weight, reader.weight.double() * g.unsqueeze(0))
-    norm.weight.data.fill_(1)
+        weight = linear_weight(reader)
+        _write(weight, weight.double() * g.unsqueeze(0))
+    norm.weight.data.fill_(1 - offset)
 
 
 @torch.no_grad()
 def rotate_inputs_(linear: nn.Module, q: torch.Tensor) -> None:
     """The linear reads x Q instead of x: W <- W Q."""
-    _write(linear.weight, linear.weight.double() @ q.to(linear.weight.device))
+    weight = linear_weight(linear)
+    _write(weight, weight.double() @ q.to(weight.device))
 
 
 @torch.no_grad()
 def rotate_outputs_(linear: nn.Module, q: torch.Tensor) -> None:
     """The linear writes y Q instead of y: W <- Q^T W, b <- b Q."""
-    q = q.to(linear.weight.device)
-    _write(linear.weight, q.t() @ linear.weight.double())
+    weight = linear_weight(linear)
+    q = q.to(weight.device)
+    _write(weight, q.t() @ weight.double())
     if getattr(linear, "bias", None) is not None:
         _write(linear.bias, linear.bias.double() @ q)
 
@@ -109,12 +136,12 @@ def rotated_head(head: torch.Tensor, norm_weight: torch.Tensor, q: torch.Tensor)
     return rotate(head, q, scale=norm_weight)
 
 
-def norm_commutes(norm: nn.Module, x: torch.Tensor, q: torch.Tensor) -> float:
+def norm_commutes(norm: nn.Module, x: torch.Tensor, q: torch.Tensor, offset: float = 0.0) -> float:
     """How far `norm` is from commuting with the rotation: the relative difference between
-    norm(x Q^T) and unit(x) Q^T diag(g), unit being the norm with weight 1 (0 for an RMS norm).
-    x: [n, D] on the rotated stream."""
+    norm(x Q^T) and unit(x) Q^T diag(g), unit being the norm with scale 1 (weight 1 - offset) and
+    g = offset + w its scale (0 for an RMS norm). x: [n, D] on the rotated stream."""
     unit = copy.deepcopy(norm)
-    unit.weight.data.fill_(1)
+    unit.weight.data.fill_(1 - offset)
     expected = norm(rotate(x, q.t())).double()
-    got = rotate(unit(x), q.t()).double() * norm.weight.double()
+    got = rotate(unit(x), q.t()).double() * norm_gain(norm.weight, offset)
     return ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
