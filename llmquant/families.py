@@ -96,9 +96,17 @@ def rotation_refusal(model: nn.Module) -> str | None:
 def check_method(model: nn.Module, method: str) -> None:
     """ValueError (one line, naming the family and the reason) when `method` cannot run on this
     model's family; called before any calibration work."""
+    from .experts import is_experts
     from .methods import get_method
 
-    if get_method(method).rotation:
+    chosen = get_method(method)
+    experts = [name for name, module in model.named_modules() if is_experts(module)]
+    if experts and (chosen.rotation or chosen.scaling or chosen.float_target):
+        raise ValueError(
+            f"{family(model)}: --method {method} cannot handle this family: its Mixture-of-Experts layers "
+            f"({experts[0]}) are quantized by gptq, gptq-noclip, clip or rtn only"
+        )
+    if chosen.rotation:
         reason = rotation_refusal(model)
         if reason is not None:
             raise ValueError(f"{family(model)}: --method {method} cannot rotate this family: {reason}; use gptq")

@@ -525,11 +525,6 @@ def quantize_blocks(
     device = device or compute_device()
     targets = dict(linear_layers(model, config))
     experts = dict(expert_layers(model, config))
-    if experts and (method.rotation or method.scaling or method.float_target):
-        raise ValueError(
-            f"method {config.method!r} does not quantize Mixture-of-Experts layers ({next(iter(experts))}); "
-            "use gptq, gptq-noclip, clip or rtn"
-        )
     prefix, blocks = decoder_blocks(model)
     outside = [n for n in [*targets, *experts] if not n.startswith(prefix + ".")]
     if outside:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +36,7 @@ METHODS = ("rtn", "gptq", "gptq-rot")
 FORMATS = ("gptq", "compressed-tensors")
 LAYERNORM = "LayerNorm subtracts each token's mean"
 POST_NORMS = "norms after each sublayer"
-NEOX_HEAD = (
-    "GPT-NeoX renames its head (embed_out in the checkpoint, lm_head in the model): the streamed reader matches "
-    "raw keys until the conversion-rules reader (branch moe) lands"
-)
+MOE = "Mixture-of-Experts layers"
 
 # Shapes every family shares: K of every linear a multiple of the group size (the export formats
 # need it), two blocks, grouped-query attention where the family has it.
@@ -46,20 +44,19 @@ DIMS = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hid
 ATTENTION = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
 TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256}
 SLIDING = {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}
+EXPERTS = {"num_experts_per_tok": 2, "moe_intermediate_size": 64, "tie_word_embeddings": False}
 
 
 @dataclass(frozen=True)
 class Family:
     """One row of the matrix: a transformers model type and the config of its tiny model.
 
-    not_rotatable: the text gptq-rot's refusal must contain (None: gptq-rot must work).
-    xfail: why the family is expected to fail today (strict: the test fails once it works)."""
+    not_rotatable: the text gptq-rot's refusal must contain (None: gptq-rot must work)."""
 
     name: str
     model_type: str
     config: dict = field(default_factory=dict)
     not_rotatable: str | None = None
-    xfail: str | None = None
 
 
 FAMILIES = (
@@ -73,7 +70,16 @@ FAMILIES = (
     Family("Phi-3", "phi3", {**DIMS, **ATTENTION, **TOKENS}),
     Family("OLMo-2", "olmo2", {**DIMS, **ATTENTION, **TOKENS}, not_rotatable=POST_NORMS),
     Family("Granite", "granite", {**DIMS, **ATTENTION, **TOKENS}),
-    Family("GPT-NeoX", "gpt_neox", {**DIMS, **TOKENS, "num_attention_heads": 4}, LAYERNORM, xfail=NEOX_HEAD),
+    Family("GPT-NeoX", "gpt_neox", {**DIMS, **TOKENS, "num_attention_heads": 4}, LAYERNORM),
+    Family("Mixtral", "mixtral", {**DIMS, **ATTENTION, **TOKENS, "num_local_experts": 4, **EXPERTS}, MOE),
+    Family("Qwen3-MoE", "qwen3_moe", {**DIMS, **ATTENTION, **TOKENS, "num_experts": 4, **EXPERTS}, MOE),
+    # shared expert beside the routed ones, with its nn.Linear gate (a router: kept in float)
+    Family(
+        "Qwen2-MoE",
+        "qwen2_moe",
+        {**DIMS, **ATTENTION, **TOKENS, "num_experts": 4, **EXPERTS, "shared_expert_intermediate_size": 128},
+        MOE,
+    ),
     Family(
         "OPT",
         "opt",
@@ -145,12 +151,23 @@ def tokens(family_dir) -> torch.Tensor:
 
 
 def expected_layers(model: torch.nn.Module) -> set[str]:
-    """The linear layers (nn.Linear, GPT-2's Conv1D) a default run quantizes: all but the head."""
+    """The linear layers (nn.Linear, GPT-2's Conv1D) a default run quantizes: all but the head and
+    MoE routers (Qwen2-MoE's shared_expert_gate, an nn.Linear [1, H])."""
     head = model.get_output_embeddings()
     return {
         name
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear | Conv1D) and module is not head
+        if isinstance(module, torch.nn.Linear | Conv1D) and module is not head and not name.endswith("expert_gate")
+    }
+
+
+def expected_experts(model: torch.nn.Module) -> set[str]:
+    """The 3D experts tensors ("<experts>.gate_up_proj" [E, 2I, H], "<experts>.down_proj" [E, H, I])
+    a default run quantizes, each expert's matrix group-wise."""
+    return {
+        name.removesuffix(".weight")
+        for name, parameter in model.named_parameters()
+        if ".experts." in name and parameter.dim() == 3
     }
 
 
@@ -173,23 +190,9 @@ def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens[:2]).logits
 
 
-CELLS = [
-    pytest.param(
-        family.name,
-        method,
-        id=f"{family.model_type}-{method}",
-        marks=[pytest.mark.xfail(strict=True, reason=family.xfail)]
-        if family.xfail and not (method == "gptq-rot" and family.not_rotatable)
-        else [],
-    )
-    for family in FAMILIES
-    for method in METHODS
-]
-
-
 @pytest.mark.parametrize(
     ("family_dir", "method"),
-    [pytest.param(*c.values, id=c.id, marks=c.marks) for c in CELLS],
+    [pytest.param(f.name, m, id=f"{f.model_type}-{m}") for f in FAMILIES for m in METHODS],
     indirect=["family_dir"],
 )
 def test_family_method(family_dir, method, tokens, tmp_path, capsys, request, monkeypatch):
@@ -210,7 +213,8 @@ def test_family_method(family_dir, method, tokens, tmp_path, capsys, request, mo
         assert code == 2 and len(lines) == 1, error
         assert f"{family.model_type}:" in lines[0] and family.not_rotatable in lines[0], lines[0]
         assert not out.exists() and not loads
-        _record(family.name, method, "quantize", "refused: " + lines[0].split("cannot rotate this family: ")[-1])
+        reason = re.split("cannot (?:rotate|handle) this family: ", lines[0])[-1]
+        _record(family.name, method, "quantize", "refused: " + reason)
         return
     assert code == 0, error
     float_model = AutoModelForCausalLM.from_pretrained(family_dir, dtype=torch.float32).eval()
@@ -219,6 +223,11 @@ def test_family_method(family_dir, method, tokens, tmp_path, capsys, request, mo
     quantized = {name.removesuffix(".qweight") for name in stored if name.endswith(".qweight")}
     assert quantized == expected and len(expected) >= 4 * 2  # GPT-2: 4 per block
     assert not any(f"{name}.weight" in stored for name in expected)  # no float copy left beside them
+    experts = expected_experts(float_model)
+    assert {name.removesuffix("_qweight") for name in stored if name.endswith("_qweight")} == experts
+    assert not experts & stored  # no float copy left beside them
+    if family.not_rotatable == MOE:
+        assert len(experts) == 2 * 2  # gate_up_proj and down_proj of both blocks
     _record(family.name, method, "quantize", "works")
 
     config = QuantConfig(bits=4, group_size=GROUP, method=method)
@@ -226,6 +235,7 @@ def test_family_method(family_dir, method, tokens, tmp_path, capsys, request, mo
     llmquant.quantize_(float_model, config, calibration=calibration, progress=False)
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert sum(isinstance(m, llmquant.QuantLinear) for m in loaded.modules()) == len(expected)
+    assert sum(type(m).__name__ == "QuantExperts" for m in loaded.modules()) == len(experts) // 2
     reference = logits(float_model, tokens)
     assert torch.isfinite(reference).all()
     assert torch.equal(logits(loaded, tokens), reference)
