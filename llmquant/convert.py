@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .experts import PROJECTIONS, quantize_experts
+from .experts import PROJECTIONS, QuantExperts, quantize_experts
 from .families import is_linear
 from .linear import QuantLinear
 from .progress import progress_bar
@@ -174,7 +174,8 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, cali
 @torch.no_grad()
 def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every QuantLinear by an nn.Linear holding its dequantized weight (in `dtype`,
-    default the scales' dtype), in place. Returns the model."""
+    default the scales' dtype), and every QuantExperts by its float experts module, in place.
+    Returns the model."""
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
         weight = module.dequantize(dtype)
         linear = nn.Linear(
@@ -188,6 +189,8 @@ def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
         if module.bias is not None:
             linear.bias.copy_(module.bias)
         _set_module(model, name, linear)
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantExperts)]:
+        _set_module(model, name, module.to_float(model.config, dtype))
     forget_quantization(model)
     return model
 

@@ -101,7 +101,23 @@ class QuantExperts(nn.Module):
     def like(cls, experts: nn.Module, bits: int, group_size: int, sym: bool, dtype: torch.dtype | None = None):
         """An empty QuantExperts with the shapes, activation and device of the float `experts`."""
         weight = experts.gate_up_proj
-        return cls(expert_shapes(experts), bits, group_size, sym, experts.act_fn, dtype or weight.dtype, weight.device)
+        dtype = dtype or weight.dtype
+        quantized = cls(expert_shapes(experts), bits, group_size, sym, experts.act_fn, dtype, weight.device)
+        quantized.float_class = type(experts)  # what `to_float` builds back (llmquant.dequantize_)
+        return quantized
+
+    def to_float(self, model_config, dtype: torch.dtype | None = None) -> nn.Module:
+        """The float experts module these were quantized from (its transformers class, built from
+        the model's config), holding the dequantized [E, N, K] weights in `dtype` (default the scales')."""
+        float_class = getattr(self, "float_class", None)
+        if float_class is None:
+            raise ValueError("these QuantExperts were not built from a float experts module; cannot dequantize them")
+        with torch.device("meta"):
+            experts = float_class(model_config)
+        for proj in PROJECTIONS:
+            weight = self.dequantize(proj, dtype)
+            setattr(experts, proj, nn.Parameter(weight, requires_grad=False))
+        return experts
 
     def packed(self, proj: str, expert: int) -> dict[str, torch.Tensor]:
         """Expert `expert`'s packed tensors of `proj` (views), as quantize_weight returns them."""

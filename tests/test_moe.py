@@ -304,6 +304,23 @@ def test_quant_experts_forward_matches_float_math_on_every_kernel_path(monkeypat
     )
 
 
+def test_dequantize_turns_experts_back_into_float_experts(saved, tmp_path):
+    """dequantize_ gives float experts of the model's own class holding the dequantized weights:
+    the same logits, and save_pretrained -> plain from_pretrained reads it as a float model."""
+    model = in_memory(saved["mixtral"], QuantConfig(group_size=32))
+    quantized = logits(model)
+    llmquant.dequantize_(model, torch.float32)
+    assert not any(isinstance(m, QuantExperts | QuantLinear) for m in model.modules())
+    experts = model.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "MixtralExperts" and experts.gate_up_proj.shape == (EXPERTS, 128, HIDDEN)
+    # not bit-equal: the CPU path runs an expert's few routed rows through the bf16 int4 kernel
+    assert ((logits(model) - quantized).norm() / quantized.norm()).item() < 5e-3
+    model.save_pretrained(tmp_path / "float")
+    again, info = AutoModelForCausalLM.from_pretrained(tmp_path / "float", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(logits(again), logits(model))
+
+
 def test_skipped_experts_stay_float(saved):
     model = in_memory(saved["qwen2_moe"], QuantConfig(group_size=32, modules_to_not_convert=["lm_head", "experts"]))
     assert not any(isinstance(m, QuantExperts) for m in model.modules())
