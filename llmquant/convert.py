@@ -110,8 +110,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def replace_with_empty_quant_linear(model: nn.Module, config: QuantConfig, dtype: torch.dtype) -> list[str]:
     """Replace each quantizable nn.Linear by an empty QuantLinear on the same device (meta while
     transformers builds the skeleton); returns the names replaced."""
-    from .experts import QuantExperts
-
     replaced = []
     for name, linear in linear_layers(model, config):
         module = QuantLinear.like(linear, config.bits, config.group_size, config.sym, dtype=dtype)
