@@ -38,9 +38,6 @@ from pathlib import Path
 from .bench_kernels import result_paths, write_atomic
 from .meta import REPO, environment
 
-SHARED = REPO.parent / "shared" / "data"
-STORIES = SHARED / "stories260k"
-TINYSTORIES = SHARED / "tinystories-valid-excerpt.txt"
 TOLERANCE = 1e-3
 LLAMA2_7B_LAYER = dict(
     vocab_size=32000,
@@ -71,7 +68,8 @@ def run_eval(args) -> int:
     device = "cpu" if args.dry_run else "cuda"
     env = environment(device)
     windows = ["--max-windows", str(args.max_windows)] if args.max_windows else []
-    common = [str(STORIES), "--configs", "int4-g32", "--dataset", str(TINYSTORIES), "--seqlen", "256"]
+    stories, text = args.data / "stories260k", args.data / "tinystories-valid-excerpt.txt"
+    common = [str(stories), "--configs", "int4-g32", "--dataset", str(text), "--seqlen", "256"]
     common += [*windows, "--no-progress"]
     if args.dry_run:  # the Triton kernels under the interpreter stand in for the GPU
         runs = [("cpu-float32", "cpu", "float32", "torch"), ("interpreter-float32", "cpu", "float32", "triton")]
@@ -175,7 +173,7 @@ sys.exit(code)
 """
 
 
-def generate_checkpoint(path: Path, layers: int, shape: dict, device: str) -> int:
+def generate_checkpoint(path: Path, layers: int, shape: dict, device: str, stories: Path) -> int:
     """A Llama checkpoint of `shape` with `layers` blocks, random fp16 weights (HF's init), the
     stories260k tokenizer (its 512 ids are valid in any larger vocabulary). Returns its bytes."""
     import torch
@@ -193,8 +191,8 @@ def generate_checkpoint(path: Path, layers: int, shape: dict, device: str) -> in
     model.save_pretrained(path)
     del model
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
-        if (STORIES / name).is_file():
-            shutil.copy(STORIES / name, path / name)
+        if (stories / name).is_file():
+            shutil.copy(stories / name, path / name)
     if device == "cuda":
         torch.cuda.empty_cache()
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
@@ -204,19 +202,20 @@ def run_quantize(args) -> int:
     device = "cpu" if args.dry_run else "cuda"
     env = environment(device)
     shape = DRY_RUN_LAYER if args.dry_run else LLAMA2_7B_LAYER
-    calib = ["--nsamples", "4", "--calib-seqlen", "32"] if args.dry_run else []
+    calib = ["--calib", str(args.data / "c4-calibration-sample.txt")]
+    calib += ["--nsamples", "4", "--calib-seqlen", "32"] if args.dry_run else []
     stem = "quantize-gptq-rot-dryrun" if args.dry_run else "quantize-gptq-rot"
     payload = {
         "env": env,
         "dry_run": args.dry_run,
         "what": "llmquant quantize --method gptq-rot of a generated checkpoint, random fp16 weights",
         "shape": {**shape, "num_hidden_layers": args.layers},
-        "calibration": "defaults (64 x 256 tokens of the C4 sample)" if not calib else " ".join(calib),
+        "calibration": " ".join(calib) + ("" if args.dry_run else " (64 x 256 tokens by default)"),
     }
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "out"
         t0 = time.perf_counter()
-        payload["checkpoint_bytes"] = generate_checkpoint(src, args.layers, shape, device)
+        payload["checkpoint_bytes"] = generate_checkpoint(src, args.layers, shape, device, args.data / "stories260k")
         payload["generate_seconds"] = time.perf_counter() - t0
         path = _save(args.out, stem, payload)
         size, took = payload["checkpoint_bytes"] / 1e6, payload["generate_seconds"]
@@ -263,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("check", choices=("eval", "quantize"))
     parser.add_argument("--out", type=Path, default=REPO / "evals" / "results")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="the shared data folder (stories260k/, tinystories and C4 texts)"
+    )
     parser.add_argument("--max-windows", type=int, default=None, help="eval: score only the first N windows")
     parser.add_argument("--layers", type=int, default=3, help="quantize: decoder blocks of the generated checkpoint")
     parser.add_argument("--dry-run", action="store_true", help="no GPU: CPU and the Triton interpreter, tiny sizes")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .meta import RESULTS, console_table, environment, write_results
+from .meta import REPO, RESULTS, console_table, environment, write_results
 
 COLUMNS = ["load", "median s", "min s", "rounds"]
 
@@ -126,7 +126,7 @@ def main() -> None:
     if args.model is None:
         import importlib.util
 
-        scripts = Path(__file__).resolve().parents[1] / "scripts" / "prepare_smollm2.py"
+        scripts = REPO / "scripts" / "prepare_smollm2.py"  # a source checkout's (found through git)
         spec = importlib.util.spec_from_file_location("prepare_smollm2", scripts)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -2,7 +2,8 @@
 `save_pretrained` (per-expert tensors, as the Hub's Mixtral checkpoints store them), with the
 stories260k tokenizer: the subject of the MoE peak-memory measurement.
 
-    python -m llmquant.evals.make_moe_checkpoint OUT [--layers 8 --experts 8 --hidden 512 --intermediate 1536]
+    python -m llmquant.evals.make_moe_checkpoint OUT --tokenizer ../shared/data/stories260k \
+        [--layers 8 --experts 8 --hidden 512 --intermediate 1536]
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import argparse
 import shutil
 from pathlib import Path
 
-STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stories260k"
 
-
-def make(out: Path, layers: int, experts: int, hidden: int, intermediate: int) -> Path:
-    """Write the checkpoint (float16, seed 0) into `out` and return it."""
+def make(out: Path, layers: int, experts: int, hidden: int, intermediate: int, tokenizer: Path) -> Path:
+    """Write the checkpoint (float16, seed 0) into `out`, with the tokenizer files of the folder
+    `tokenizer` (stories260k's: 512 ids), and return it."""
     import torch
     from transformers import AutoModelForCausalLM, MixtralConfig
 
@@ -35,19 +35,20 @@ def make(out: Path, layers: int, experts: int, hidden: int, intermediate: int) -
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(STORIES / name, out / name)
+        shutil.copy(tokenizer / name, out / name)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="folder with stories260k's tokenizer files")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=1536)
     args = parser.parse_args()
-    make(Path(args.out), args.layers, args.experts, args.hidden, args.intermediate)
+    make(Path(args.out), args.layers, args.experts, args.hidden, args.intermediate, args.tokenizer)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,12 @@ def _unshadow_kernels() -> None:
 
     if "kernels" in sys.modules:
         return
-    root = Path(__file__).resolve().parents[1]
-    spec = find_spec("kernels")
-    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != root / "kernels":
+    found, ours = find_spec("kernels"), find_spec("llmquant.kernels")
+    if found is None or ours is None or found.origin is None or ours.origin is None:
         return
+    if Path(found.origin).resolve() != Path(ours.origin).resolve():
+        return  # the top-level name is not our folder (an installed copy, or no checkout on the path)
+    root = Path(found.origin).resolve().parent.parent
     installed = PathFinder.find_spec("kernels", [p for p in sys.path if Path(p or ".").resolve() != root])
     if installed is None or installed.loader is None:
         return  # not installed (older transformers): then nothing imports it

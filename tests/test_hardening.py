@@ -18,6 +18,10 @@ from transformers import AutoModelForCausalLM
 from llmquant import QuantConfig, QuantLinear, quantize_
 from llmquant.cli import main
 
+from .conftest import SHARED_DATA
+
+CALIB = SHARED_DATA / "c4-calibration-sample.txt"
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -508,7 +512,7 @@ def test_calib_seqlen_above_the_positions_is_refused(stories_dir, tiny_opt, tmp_
 
 
 def test_calib_seqlen_at_the_limit_works_on_learned_positions(tiny_opt, tmp_path):
-    args = ("--method", "gptq", "--calib-seqlen", 64, "--nsamples", 4, "--group-size", 32)
+    args = ("--method", "gptq", "--calib-seqlen", 64, "--nsamples", 4, "--group-size", 32, "--calib", CALIB)
     assert run_cli("quantize", tiny_opt, "-o", tmp_path / "o", "--bits", 4, "--quiet", *args) == 0
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "o").model.decoder.layers[0].fc1, QuantLinear)
 
