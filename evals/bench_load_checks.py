@@ -126,6 +126,8 @@ def main() -> None:
     if args.model is None:
         import importlib.util
 
+        if REPO is None:
+            parser.error("--model is required outside a source checkout (the default is prepared by its scripts/)")
         scripts = REPO / "scripts" / "prepare_smollm2.py"  # a source checkout's (found through git)
         spec = importlib.util.spec_from_file_location("prepare_smollm2", scripts)
         module = importlib.util.module_from_spec(spec)
