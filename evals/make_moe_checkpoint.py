@@ -2,7 +2,7 @@
 `save_pretrained` (per-expert tensors, as the Hub's Mixtral checkpoints store them), with the
 stories260k tokenizer: the subject of the MoE peak-memory measurement.
 
-    python -m llmquant.evals.make_moe_checkpoint OUT --tokenizer ../shared/data/stories260k \
+    python -m llmquant.evals.make_moe_checkpoint OUT --tokenizer TOKENIZER_DIR \
         [--layers 8 --experts 8 --hidden 512 --intermediate 1536]
 """
 
