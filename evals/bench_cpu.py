@@ -33,7 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmquant
-from llmquant.linear import QuantLinear
+from llmquant.nn.linear import QuantLinear
 
 from . import EvalError
 from .data import load_text

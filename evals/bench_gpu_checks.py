@@ -136,7 +136,8 @@ _CHILD = r"""
 import json, sys, time
 import torch
 start = time.perf_counter()
-from llmquant import calibrated_checkpoint, sequential
+from llmquant.calibration import loop
+from llmquant.checkpoint import calibrated
 from llmquant.cli import main
 
 blocks = {}
@@ -152,7 +153,7 @@ def wrap(cls):
             print(f"block {index}: {blocks[index][1] - blocks[index][0]:.2f} s", file=sys.stderr, flush=True)
         return out
     cls.load, cls.release = timed_load, timed_release
-for module in (calibrated_checkpoint, sequential):
+for module in (calibrated, loop):  # the modules defining block stores (load/release)
     for value in list(vars(module).values()):
         if isinstance(value, type) and value.__module__ == module.__name__:
             if callable(getattr(value, "load", None)) and callable(getattr(value, "release", None)):

@@ -5,7 +5,7 @@
 
 Quantizes SmolLM2-135M (fp16, `scripts/prepare_smollm2.py`) to int4 g64 once, then loads it with
 a plain `from_pretrained` `--rounds` times with the checks and as many times with
-`llmquant.verify.check_stored_values` (read the scales and zeros from the files, check them) replaced
+`llmquant.checkpoint.verify.check_stored_values` (read the scales and zeros from the files, check them) replaced
 by a no-op, alternating (so drift in machine load hits both
 sides alike), after one warm-up load that fills the page cache. Also times the checks alone (the same
 call on the loaded model's layers and the checkpoint file), which is the cost without the loads' noise.
@@ -38,8 +38,8 @@ def _load_seconds(folder: Path) -> float:
 
 def measure(model_dir: Path, rounds: int) -> dict:
     import llmquant
-    from llmquant import verify
-    from llmquant.checkpoint import quantize_checkpoint
+    from llmquant.checkpoint import verify
+    from llmquant.checkpoint.quantize import quantize_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="llmquant-load-checks-") as scratch:
         folder = Path(scratch) / "int4-g64"

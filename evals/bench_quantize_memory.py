@@ -53,7 +53,7 @@ def block_and_activation_bytes(model: Path, nsamples: int, seqlen: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmquant.sequential import decoder_blocks
+    from llmquant.calibration.loop import decoder_blocks
 
     config = AutoConfig.from_pretrained(model)
     with torch.device("meta"):

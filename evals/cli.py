@@ -54,7 +54,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "int8-g128,int4-g64,int4-g128-sym,int4-g128-gptq (intB-gG[-sym][-METHOD], G a size or 'all', METHOD "
         f"{', '.join(METHOD_NAMES)}; rtn by default); MODEL is then also the baseline unless --baseline",
     )
-    from llmquant.calibration import add_arguments as add_calibration_arguments
+    from llmquant.calibration.data import add_arguments as add_calibration_arguments
 
     add_calibration_arguments(p)
     d = p.add_argument_group("data")
@@ -271,7 +271,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     calibration = None
     if any(llmquant.methods.get_method(cfg.method).calibrated for _, cfg in configs):
         try:
-            calibration = llmquant.calibration.from_arguments(tokenizer, args)
+            calibration = llmquant.calibration.data.from_arguments(tokenizer, args)
         except ValueError as e:
             raise EvalError(str(e)) from None
 

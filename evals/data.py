@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from llmquant.calibration import hub_offline
+from llmquant.calibration.data import hub_offline
+from llmquant.checkpoint.source import looks_like_path
 from llmquant.errors import first_line, with_cause
-from llmquant.source import looks_like_path
 
 from . import EvalError
 

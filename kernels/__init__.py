@@ -4,7 +4,7 @@
 tested against, and `triton_matmul` holds the fused dequant-matmul Triton kernels.
 """
 
-from .pack import (
+from .layout import (
     SUPPORTED_BITS,
     effective_group_size,
     num_groups,

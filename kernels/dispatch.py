@@ -26,7 +26,7 @@ import torch
 import triton
 
 from . import gemm, gemv, prefill, tiles, tuning
-from .pack import SUPPORTED_BITS, effective_group_size, num_groups, packed_rows
+from .layout import SUPPORTED_BITS, effective_group_size, num_groups, packed_rows
 from .tuning import GEMV_MAX_M, SMALL_M, KernelConfig
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

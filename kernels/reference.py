@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .pack import effective_group_size, unpack_codes
+from .layout import effective_group_size, unpack_codes
 
 
 def dequantize(

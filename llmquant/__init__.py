@@ -62,15 +62,15 @@ __all__ = [
 
 # public name -> submodule defining it
 _LAZY = {
-    "CalibrationSet": "calibration",
-    "load_calibration": "calibration",
+    "CalibrationSet": "calibration.data",
+    "load_calibration": "calibration.data",
     "QuantConfig": "config",
-    "QuantLinear": "linear",
+    "QuantLinear": "nn.linear",
     "bits_per_weight": "stats",
     "model_size_bytes": "stats",
-    "dequantize_": "convert",
-    "quantize_": "convert",
-    "load": "formats.load",
+    "dequantize_": "nn.surgery",
+    "quantize_": "nn.surgery",
+    "load": "api",
 }
 _REGISTRY_MODULE = "transformers.quantizers"  # the package that re-exports register_quantizer
 
@@ -81,7 +81,7 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     if not name.startswith("__"):
-        try:  # submodules as attributes (llmquant.hf, llmquant.linear, ...)
+        try:  # submodules as attributes (llmquant.hf, llmquant.nn.linear, ...)
             return importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as error:
             if error.name != f"{__name__}.{name}":

@@ -51,7 +51,7 @@ def _add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
         help="modules kept in floating point (default: the output head)",
     )
     _add_output_arguments(parser)
-    from .calibration import add_arguments as add_calibration_arguments
+    from .calibration.data import add_arguments as add_calibration_arguments
 
     add_calibration_arguments(parser)  # quantize only: convert never calibrates
 
@@ -87,7 +87,7 @@ def _warn(warnings: list[str]) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .formats.rewrite import convert_checkpoint
+    from .checkpoint.convert import convert_checkpoint
 
     summary = convert_checkpoint(
         args.src,
@@ -105,9 +105,9 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from .calibration import check_seqlen_for, load_tokenizer
-    from .calibration import from_arguments as calibration_from_arguments
-    from .checkpoint import quantize_checkpoint
+    from .calibration.data import check_seqlen_for, load_tokenizer
+    from .calibration.data import from_arguments as calibration_from_arguments
+    from .checkpoint.quantize import quantize_checkpoint
     from .config import QuantConfig
     from .methods import get_method
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .kernels.pack import SUPPORTED_BITS
+from .kernels.layout import SUPPORTED_BITS
 from .methods import METHODS, get_method
 
 QUANT_METHOD = "llmquant"

@@ -24,9 +24,9 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
+from .checkpoint.verify import check_checkpoint, check_loaded, guard_unknown_quant_method
 from .config import QUANT_METHOD, QuantConfig
-from .convert import dequantize_, modules_to_skip, quantize_, replace_with_empty_quant_linear
-from .verify import check_checkpoint, check_loaded, guard_unknown_quant_method
+from .nn.surgery import dequantize_, modules_to_skip, quantize_, replace_with_empty_quant_linear
 
 logger = logging.getLogger(__name__)
 CPU_COMPUTE_DTYPE = torch.float32  # measured fastest here (evals/bench_cpu.py); fp16/bf16 GEMMs are emulated
@@ -132,7 +132,7 @@ class LlmquantHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             quantize_(model, self.quantization_config, progress=False)
         check_loaded(model, self.quantization_config)
-        from .linear import QuantLinear
+        from .nn.linear import QuantLinear
 
         for module in model.modules():  # the CPU kernel's copy of the codes, made now, counted now
             if isinstance(module, QuantLinear) and module.qweight.device.type == "cpu":

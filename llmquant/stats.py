@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .linear import QuantLinear
+from .nn.linear import QuantLinear
 
 MIB = 2**20
 FORMAT_TENSORS = ("qweight", "scales", "qzeros")

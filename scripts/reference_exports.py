@@ -11,7 +11,7 @@ directory; GPTQModel 7.7 needs GPTQMODEL_CPU_WORKERS >= 2 on a 1-2 core machine.
 
 For the tiny random Llama of tests/tiny_llama.py (fp16) it writes, per scheme, a folder and one
 entry of tests/data/reference_structure.json: every tensor's name, dtype and shape, the
-`quantization_config` of config.json, and the writer's version. tests/test_reference_formats.py
+`quantization_config` of config.json, and the writer's version. tests/formats/test_reference_formats.py
 compares llmquant's exports of the same model against those entries (names, shapes, dtypes and
 config keys exactly), and, where llmquant and the writer compute the same RTN codes, the values.
 Both writers run on CPU in about a minute; the tests read the pinned JSON, so CI does not install

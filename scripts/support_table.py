@@ -1,4 +1,4 @@
-"""Run the family matrix (tests/test_families.py) and write its outcomes as the support table.
+"""Run the family matrix (tests/nn/test_families.py) and write its outcomes as the support table.
 
     .venv/bin/python scripts/support_table.py
 
@@ -33,7 +33,7 @@ def run_matrix() -> tuple[dict, int]:
         path = Path(scratch) / "table.json"
         env = {**os.environ, "LLMQUANT_SUPPORT_TABLE": str(path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         # -P / importlib: the project's kernels/ folder must not shadow the `kernels` package transformers imports
-        command = [sys.executable, "-P", "-m", "pytest", "--import-mode=importlib", "-q", "tests/test_families.py"]
+        command = [sys.executable, "-P", "-m", "pytest", "--import-mode=importlib", "-q", "tests/nn/test_families.py"]
         code = subprocess.run(command, cwd=ROOT, env=env).returncode
         return (json.loads(path.read_text()) if path.exists() else {}), code
 

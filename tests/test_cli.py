@@ -157,7 +157,7 @@ def test_failure_midway_leaves_nothing(stories_dir, tmp_path):
 
 @pytest.mark.parametrize("size,expected", [("5GB", 5 * 10**9), ("100KB", 100_000), ("2GiB", 2 * 2**30), (17, 17)])
 def test_parse_size(size, expected):
-    from llmquant.shards import parse_size
+    from llmquant.checkpoint.shards import parse_size
 
     assert parse_size(size) == expected
 

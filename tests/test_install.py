@@ -159,7 +159,7 @@ def test_installed_wheel_runs_the_documented_commands_outside_the_checkout(insta
         "assert 'llmquant' not in sys.modules\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(gptq)!r})\n"
         "kinds = {type(m).__module__ + '.' + type(m).__name__ for m in model.modules()}\n"
-        "assert 'llmquant.linear.QuantLinear' in kinds, kinds\n"
+        "assert 'llmquant.nn.linear.QuantLinear' in kinds, kinds\n"
         "with torch.no_grad():\n"
         "    logits = model(input_ids=torch.arange(3, 35).view(1, 32)).logits\n"
         f"torch.save(logits, {str(cwd / 'logits.pt')!r})\n"

@@ -18,7 +18,7 @@ Every format module has the same functions (a module is the strategy, no class h
 - ``load_help(config)``: how engines load an export of that config (for the model card).
 
 "llmquant tensors" (``packed``) are {"qweight": [ceil(K/V), N] int32, "scales": [G, N] float,
-"qzeros": [G, N] uint8 (asymmetric only)}, as `llmquant.quantize.quantize_weight` returns them.
+"qzeros": [G, N] uint8 (asymmetric only)}, as `llmquant.methods.codes.quantize_weight` returns them.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def detect_format(quantization_config: dict | None) -> str | None:
         return None
     method = quantization_config.get("quant_method")
     if method not in ("llmquant", "gptq", "compressed-tensors"):
-        from ..verify import looks_like_llmquant
+        from ..checkpoint.verify import looks_like_llmquant
 
         hint = ""
         if looks_like_llmquant(quantization_config):

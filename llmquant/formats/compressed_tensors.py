@@ -22,9 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
-from ..kernels.pack import packed_rows, values_per_word
-from ..shards import TensorSpec
+from ..kernels.layout import packed_rows, values_per_word
 from . import FormatError
 from .common import check_common, expect_shape, groups_of, pack_along_n, unpack_along_n
 

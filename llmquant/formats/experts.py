@@ -21,10 +21,10 @@ from types import ModuleType
 
 import torch
 
+from ..checkpoint.conversion import ExpertRows
+from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
-from ..conversion import ExpertRows
-from ..experts import MEMBERS, stacked_buffers
-from ..shards import TensorSpec
+from ..nn.experts import MEMBERS, stacked_buffers
 
 
 def _stem(rows: ExpertRows) -> str:

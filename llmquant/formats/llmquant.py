@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
-from ..kernels.pack import num_groups, packed_rows
-from ..shards import TensorSpec
+from ..kernels.layout import num_groups, packed_rows
 
 NAME = "llmquant"
 MEMBERS = ("qweight", "scales", "qzeros")

@@ -20,7 +20,7 @@ inputs, which only exist after v_proj/up_proj have run. So, as in the original A
 of a decoder block is searched first on one float forward pass of the block (its input being
 the output of the already quantized blocks before it), all scales are folded (checked: the
 float block output is unchanged), and only then does the sequential quantization of the block
-run (`llmquant.sequential`), each linear quantized from the inputs it actually receives. Row
+run (`llmquant.calibration.loop`), each linear quantized from the inputs it actually receives. Row
 scaling of v_proj/up_proj does not change their own quantization (a group's range scales with
 its row), and v_proj's rounding error reaches the output through o_proj·diag(s)·diag(1/s), so
 the four searches of a block are independent.
@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import torch
 
-from ..quantize import quantize_rtn
 from . import clip, gptq
+from .codes import quantize_rtn
 from .grid import dequantize
 
 ALPHAS = tuple(i / 10 for i in range(11))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantize import QuantizedWeight, check_finite, group_params, to_codes
+from .codes import QuantizedWeight, check_finite, group_params, to_codes
 from .grid import group_spans, search_clip
 
 

@@ -14,7 +14,7 @@ with GPTQ's usual 1% the target fits the calibration tokens' noise and SmolLM2 i
 (+27.5 Δppl on 4 windows against +20.0); 0.3-3 gave the same gain (KL to float -9%),
 evals/results/int3-experiments/README.md.
 
-`llmquant.sequential` runs a second, float stream of hidden states through each block for X_fp
+`llmquant.calibration.loop` runs a second, float stream of hidden states through each block for X_fp
 (methods registered with float_target=True) and calls `target_factor` once per distinct input.
 """
 

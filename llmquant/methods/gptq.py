@@ -28,7 +28,7 @@ import weakref
 
 import torch
 
-from ..quantize import QuantizedWeight, check_finite, group_params, to_codes
+from .codes import QuantizedWeight, check_finite, group_params, to_codes
 from .grid import from_codes, group_spans, search_clip
 
 PERCDAMP = 0.01

@@ -1,7 +1,7 @@
 """The quantization grid of one group for calibrated methods: clipping search, dequantization.
 
 The formulas themselves (`group_params`, `to_codes`, with a clipping ratio r; r = 1 is round to
-nearest) live in `llmquant.quantize` with RTN:
+nearest) live in `llmquant.methods.codes` with RTN:
 - asymmetric: lo = min(min(w), 0) * r, hi = max(max(w), 0) * r, scale = (hi - lo) / (2^b - 1),
   zero = round(-lo / scale); code = clamp(round(w / scale) + zero, 0, 2^b - 1);
 - symmetric: scale = r * max|w| / (2^(b-1) - 1), implicit zero 2^(b-1), same clamp.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantize import QuantizedWeight, group_params, to_codes
+from .codes import QuantizedWeight, group_params, to_codes
 
 # Clipping ratios tried per group and row. 1.0 first: ties keep the unclipped range. For
 # symmetric codes 8/7 (int4) lets a negative extreme use the otherwise unused code -2^(b-1).
@@ -85,7 +85,7 @@ def dequantize(q: QuantizedWeight, bits: int, group_size: int) -> torch.Tensor:
 
 def group_spans(in_features: int, group_size: int) -> list[tuple[int, int]]:
     """[begin, end) column ranges of the groups of a row, the last one possibly shorter."""
-    from ..kernels.pack import effective_group_size
+    from ..kernels.layout import effective_group_size
 
     group = effective_group_size(group_size, in_features)
     return [(b, min(b + group, in_features)) for b in range(0, in_features, group)]

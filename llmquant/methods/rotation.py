@@ -31,7 +31,7 @@ import copy
 import torch
 from torch import nn
 
-from ..families import linear_weight
+from ..nn.families import linear_weight
 
 SEED = 0  # of the random rotations: the same checkpoint for the same model and calibration
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantize import QuantizedWeight, quantize_rtn
+from .codes import QuantizedWeight, quantize_rtn
 
 
 def quantize(

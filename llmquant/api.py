@@ -1,0 +1,53 @@
+"""`llmquant.load`: any of the three formats into a model running on llmquant's kernels."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .checkpoint.source import read_json_object, safetensors_names, weight_files
+from .errors import CheckpointError
+from .formats import detect_format
+
+
+def checkpoint_format(path: str | Path) -> str | None:
+    """"llmquant", "gptq", "compressed-tensors", or None (floating point) for a model folder."""
+    config_path = Path(path).expanduser() / "config.json"
+    config = read_json_object(config_path)  # CheckpointError naming the file (unreadable, a list, ...)
+    quantization = config.get("quantization_config")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise CheckpointError(f"{config_path}: quantization_config must be an object, got {quantization!r}")
+    return detect_format(quantization)
+
+
+def load(path: str | Path, **from_pretrained_kwargs: Any) -> Any:
+    """AutoModelForCausalLM of the folder `path` with QuantLinear layers on llmquant's kernels.
+
+    An llmquant (or floating-point) folder is loaded as it is. A GPTQ or compressed-tensors
+    folder is first converted, bit for bit, into a temporary llmquant folder (disk space: one
+    copy of the quantized weights) that is deleted once the weights are in memory. The
+    keyword arguments go to `from_pretrained` (dtype, device_map, output_loading_info...).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from . import hf
+    from .checkpoint.convert import convert_checkpoint
+
+    hf.register()
+    fmt = checkpoint_format(path)
+    if fmt in (None, "llmquant"):
+        folder = Path(path).expanduser()
+        if folder.is_dir():  # a truncated or foreign shard is named here, not deep inside transformers
+            for file in weight_files(folder):
+                if file.suffix == ".safetensors":
+                    safetensors_names(file)
+        return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    with tempfile.TemporaryDirectory(prefix="llmquant-load-") as scratch:
+        converted = Path(scratch) / "model"
+        convert_checkpoint(str(path), converted, "llmquant", progress=False)
+        loaded = AutoModelForCausalLM.from_pretrained(converted, **from_pretrained_kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.config._name_or_path = str(path)
+        # the weights are in memory now: nothing may read the scratch folder lazily after this
+        return loaded
