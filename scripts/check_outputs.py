@@ -66,12 +66,17 @@ def llmquant(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "llmquant.cli", *args, "--quiet"], check=True, env=env, cwd=ROOT)
 
 
-def digest(folder: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
+def digest(folder: Path, work: Path) -> dict[str, str]:
+    """SHA-256 of each file under `folder`; in text files (model card, configs) the temporary
+    folder's path is replaced by a placeholder: a card names its base model by path."""
+    hashes = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.suffix in (".md", ".json"):
+                data = data.replace(str(work).encode(), b"$WORK")
+            hashes[str(path.relative_to(folder))] = hashlib.sha256(data).hexdigest()
+    return hashes
 
 
 def mixtral(work: Path) -> Path:
@@ -95,13 +100,13 @@ def outputs(only: str | None = None) -> dict[str, dict[str, str]]:
             calib = CALIB if "--method" in extra and extra[extra.index("--method") + 1] != "rtn" else []
             llmquant("quantize", str(sources[source]), "-o", str(work / name), "--bits", "4", "--group-size", "32",
                      *extra, *calib)  # fmt: skip
-            hashes[name] = digest(work / name)
+            hashes[name] = digest(work / name, work)
             print(f"{name}: {len(hashes[name])} files", flush=True)
         for name, (source, fmt) in CONVERTS.items():
             if source not in hashes:
                 continue
             llmquant("convert", str(work / source), "-o", str(work / name), "--format", fmt)
-            hashes[name] = digest(work / name)
+            hashes[name] = digest(work / name, work)
             print(f"{name}: {len(hashes[name])} files", flush=True)
     return hashes
 
