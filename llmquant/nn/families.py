@@ -7,7 +7,7 @@
   swaps in for either module type.
 - Which families a rotation of the residual stream (gptq-rot, methods/rotation.py) cannot be
   folded into, and why: refused with that reason before any calibration work
-  (`check_method`). The block check in llmquant.calibration.loop (rotated block output equals the
+  (`check_method`). The block check of methods/rotation.py (rotated block output equals the
   float block output rotated) stays as the safety net for what this table does not know.
 """
 
