@@ -136,7 +136,7 @@ _CHILD = r"""
 import json, sys, time
 import torch
 start = time.perf_counter()
-from llmquant.calibration import loop
+from llmquant.calibration import stores
 from llmquant.checkpoint import calibrated
 from llmquant.cli import main
 
@@ -153,7 +153,7 @@ def wrap(cls):
             print(f"block {index}: {blocks[index][1] - blocks[index][0]:.2f} s", file=sys.stderr, flush=True)
         return out
     cls.load, cls.release = timed_load, timed_release
-for module in (calibrated, loop):  # the modules defining block stores (load/release)
+for module in (calibrated, stores):  # the modules defining block stores (load/release)
     for value in list(vars(module).values()):
         if isinstance(value, type) and value.__module__ == module.__name__:
             if callable(getattr(value, "load", None)) and callable(getattr(value, "release", None)):

@@ -69,7 +69,7 @@ _LAZY = {
     "bits_per_weight": "stats",
     "model_size_bytes": "stats",
     "dequantize_": "nn.surgery",
-    "quantize_": "nn.surgery",
+    "quantize_": "api",
     "load": "api",
 }
 _REGISTRY_MODULE = "transformers.quantizers"  # the package that re-exports register_quantizer

@@ -1,4 +1,5 @@
-"""`llmquant.load`: any of the three formats into a model running on llmquant's kernels."""
+"""The public entry points: `llmquant.load` (any of the three formats into a model running on
+llmquant's kernels) and `llmquant.quantize_` (a model in memory)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from .checkpoint.source import read_json_object, safetensors_names, weight_files
+from .config import QuantConfig
 from .errors import CheckpointError
 from .formats import detect_format
+from .methods.presets import get_preset
+from .nn.surgery import quantizable_layers, round_to_nearest_
 
 
 def checkpoint_format(path: str | Path) -> str | None:
@@ -51,3 +58,20 @@ def load(path: str | Path, **from_pretrained_kwargs: Any) -> Any:
         model.config._name_or_path = str(path)
         # the weights are in memory now: nothing may read the scratch folder lazily after this
         return loaded
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, calibration=None) -> nn.Module:
+    """Quantize `model` in place: every selected nn.Linear becomes a QuantLinear (codes chosen
+    by config.method, scales in the weight's dtype). Returns the model.
+
+    Calibrated methods ("gptq", "clip") need `calibration`: a `llmquant.CalibrationSet`
+    (`llmquant.load_calibration(tokenizer)`) or token ids [S, T] int64; they run block by
+    block (see `llmquant.calibration.loop`) and record the calibration in model.config.
+    """
+    layers, experts = quantizable_layers(model, config)  # all or nothing: refused before converting any
+    if get_preset(config.method).calibrated:
+        from .calibration.commit import quantize_calibrated_
+
+        return quantize_calibrated_(model, config, calibration, progress)
+    return round_to_nearest_(model, config, progress, layers, experts)

@@ -8,11 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from .errors import first_line, missing_module
+from .methods.presets import METHOD_NAMES, get_preset  # plain data: --help imports no torch
 
 EXIT_BAD_INPUT = 2
 FORMATS = ("llmquant", "compressed-tensors", "gptq")  # llmquant.formats.FORMAT_NAMES, without importing torch
-# llmquant.methods.METHODS, ditto
-METHOD_NAMES = ("rtn", "clip", "gptq", "gptq-noclip", "awq", "gptq-awq", "gptaq", "gptq-rot")
 
 
 def _group_size(text: str) -> int:
@@ -109,13 +108,12 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from .calibration.data import from_arguments as calibration_from_arguments
     from .checkpoint.quantize import quantize_checkpoint
     from .config import QuantConfig
-    from .methods import get_method
 
     config = QuantConfig(
         bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method, modules_to_not_convert=args.skip
     )
     calibration = None
-    if get_method(config.method).calibrated:  # loaded once the plan is checked (a refused family costs nothing)
+    if get_preset(config.method).calibrated:  # loaded once the plan is checked (a refused family costs nothing)
         check_seqlen_for(args.src, args.calib_seqlen)  # before the tokenizer and the text are read
         calibration = lambda: calibration_from_arguments(load_tokenizer(args.src), args)  # noqa: E731
     summary = quantize_checkpoint(

@@ -8,12 +8,12 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .kernels.layout import SUPPORTED_BITS
-from .methods import METHODS, get_method
+from .methods.presets import METHOD_NAMES, get_preset
 
 QUANT_METHOD = "llmquant"
 FORMAT_VERSION = 1
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
-SUPPORTED_METHODS = tuple(METHODS)
+SUPPORTED_METHODS = METHOD_NAMES
 # Short config names: intB-gG[-sym|-asym][-METHOD], e.g. int4-g128, int4-g128-sym-gptq.
 SHORT_NAME = re.compile(
     r"^int(?P<bits>\d+)-g(?P<group>\d+|all|-1)(?P<sym>-sym|-asym)?(?:-(?P<method>[a-z][a-z0-9-]*))?$"
@@ -28,7 +28,7 @@ class QuantConfig(QuantizationConfigMixin):
         group_size: consecutive input columns sharing a scale (and zero): 32, 64, 128, 256,
             or -1 for one group per output row. A last, shorter group is allowed.
         sym: symmetric codes around an implicit zero (no stored zeros) instead of asymmetric.
-        method: how codes are chosen (`llmquant.methods.METHODS`): "rtn" (round to nearest,
+        method: how codes are chosen (`llmquant.methods.presets.PRESETS`): "rtn" (round to nearest,
             default), "clip", "gptq" (needs calibration data, see `llmquant.quantize_`),
             "gptq-noclip", "awq", "gptq-awq", "gptaq", "gptq-rot" (best quality: rotations folded
             into the weights, then gptq; a tied head becomes its own float tensor). The stored
@@ -72,7 +72,7 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(f"group_size must be one of {list(SUPPORTED_GROUP_SIZES)}, got {self.group_size!r}")
         if not isinstance(self.sym, bool):
             raise ValueError(f"sym must be True or False, got {self.sym!r}")
-        get_method(self.method)  # ValueError listing the registered methods
+        get_preset(self.method)  # ValueError listing the registered methods
         skip = self.modules_to_not_convert
         if skip is not None and not (isinstance(skip, list) and all(isinstance(n, str) and n for n in skip)):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {skip!r}")

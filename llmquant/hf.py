@@ -26,7 +26,7 @@ from transformers.quantizers.auto import (
 
 from .checkpoint.verify import check_checkpoint, check_loaded, guard_unknown_quant_method
 from .config import QUANT_METHOD, QuantConfig
-from .nn.surgery import dequantize_, modules_to_skip, quantize_, replace_with_empty_quant_linear
+from .nn.surgery import dequantize_, modules_to_skip, replace_with_empty_quant_linear, round_to_nearest_
 
 logger = logging.getLogger(__name__)
 CPU_COMPUTE_DTYPE = torch.float32  # measured fastest here (evals/bench_cpu.py); fp16/bf16 GEMMs are emulated
@@ -108,9 +108,9 @@ class LlmquantHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
         config = self.quantization_config
         if not self.pre_quantized:
-            from .methods import get_method
+            from .methods.presets import get_preset
 
-            if get_method(config.method).calibrated:
+            if get_preset(config.method).calibrated:
                 raise ValueError(
                     f"method {config.method!r} needs calibration data, which from_pretrained cannot pass: load the "
                     "float model, then llmquant.quantize_(model, config, calibration=llmquant.load_calibration("
@@ -130,7 +130,7 @@ class LlmquantHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if not self.pre_quantized:
-            quantize_(model, self.quantization_config, progress=False)
+            round_to_nearest_(model, self.quantization_config, progress=False)  # calibrated: refused above
         check_loaded(model, self.quantization_config)
         from .nn.linear import QuantLinear
 

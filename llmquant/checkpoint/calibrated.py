@@ -24,12 +24,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..calibration.capture import decoder_blocks
 from ..calibration.data import CalibrationSet, check_seqlen_for, load_calibration
-from ..calibration.loop import decoder_blocks, module_name, quantize_blocks
+from ..calibration.loop import quantize_blocks
 from ..config import QuantConfig
 from ..errors import first_line
-from ..methods import get_method
+from ..methods.blocks import module_name
 from ..methods.codes import pack
+from ..methods.presets import get_preset
 from .conversion import Conversion, ConvertedReader
 from .source import TensorReader, tensor_specs, weight_files
 
@@ -117,7 +119,7 @@ def _libc() -> ctypes.CDLL | None:
 
 
 class SourceBlocks:
-    """A `BlockStore` (llmquant.calibration.loop) for a skeleton: each block is read from the source
+    """A `BlockStore` (llmquant.calibration.stores) for a skeleton: each block is read from the source
     files when its turn comes and returned to the meta device (freed) after."""
 
     def __init__(self, reader: TensorReader | ConvertedReader, prefix: str, head: bool = False) -> None:
@@ -189,7 +191,7 @@ def precompute_packed(
     specs = tensor_specs(files)
     # the model's tensor names, read as from_pretrained converts them (renames, merged experts)
     reader = ConvertedReader(TensorReader(files), Conversion(model, [spec.name for spec in specs]), specs)
-    store = SourceBlocks(reader, prefix, head=get_method(config.method).rotation)
+    store = SourceBlocks(reader, prefix, head=get_preset(config.method).rotation)
     changed: dict[str, torch.Tensor] = {}
     results = quantize_blocks(
         model,

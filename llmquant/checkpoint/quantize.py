@@ -21,8 +21,8 @@ from ..config import QuantConfig
 from ..errors import CheckpointError
 from ..formats import get_format
 from ..formats.experts import export_experts
-from ..methods import get_method
 from ..methods.codes import quantize_weight
+from ..methods.presets import get_preset
 from ..progress import progress_bar
 from ..stats import bits_from_bytes
 from .calibrated import precompute_packed
@@ -97,7 +97,7 @@ def quantize_checkpoint(
     check_output(out, source, overwrite)
     side_files(source)  # a link out of the source is refused now, not after the work
     # a callable is checked once called (calibrated_checkpoint)
-    if isinstance(calibration, CalibrationSet) and get_method(config.method).calibrated:
+    if isinstance(calibration, CalibrationSet) and get_preset(config.method).calibrated:
         check_seqlen_for(source, calibration.tokens.shape[1])
     files = weight_files(source)
     skeleton = quantizable_weights(source, config)
@@ -120,7 +120,7 @@ def quantize_checkpoint(
     ]
     specs = output_specs(as_linear, targets, config, fmt, skeleton)
     precomputed, changed, added = {}, {}, {}
-    if get_method(config.method).calibrated:
+    if get_preset(config.method).calibrated:
         scale_dtype = next(spec.dtype for spec in source_specs if spec.name in targets or spec.name in skeleton.experts)
         precomputed, changed, record = precompute_packed(source, config, scale_dtype, calibration, progress)
         saved_config.calibration = record

@@ -9,20 +9,21 @@ With H = 2 X_qᵀX_q / n, that is GPTQ's objective around the ridge least-square
     W* = argmin_V ||X_q Vᵀ - X_fp Wᵀ||² · 2/n + λ ||V - W||² = W + W D (H + λI)⁻¹,
     D = 2 (X_fp - X_q)ᵀ X_q / n,
 
-so gptaq runs `gptq.quantize` on W* with the same H. The ridge λ = DAMP · mean diag(H) matters:
-with GPTQ's usual 1% the target fits the calibration tokens' noise and SmolLM2 int3 got worse
-(+27.5 Δppl on 4 windows against +20.0); 0.3-3 gave the same gain (KL to float -9%),
-evals/results/int3-experiments/README.md.
+so gptaq runs `gptq.quantize` on W* with the same H. The ridge λ = DAMP · mean diag(H) is
+much larger than GPTQ's usual 1%: with that, the target fits the calibration tokens' noise
+(measurements: docs/METHODS.md, "gptaq").
 
-`llmquant.calibration.loop` runs a second, float stream of hidden states through each block for X_fp
-(methods registered with float_target=True) and calls `target_factor` once per distinct input.
+`FloatTarget` is the calibration loop's hook: it runs a second, float stream of hidden states
+through each block for X_fp and calls `target_factor` once per distinct input.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from . import gptq
+from .blocks import run_hooked
+from .transform import Transform
 
 DAMP = 1.0
 
@@ -53,4 +54,37 @@ def float_target(weight: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor]
     return w + torch.cholesky_solve(torch.mm(w, d).t(), lower).t()
 
 
-quantize = gptq.quantize
+def float_inputs(block: nn.Module, modules: dict, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """(output, {linear: its input [n, K] float32}) of one pass of the float block on `hidden`
+    (linears sharing an input share the tensor)."""
+    inputs = {}
+
+    def hook(module, args):
+        x = args[0]
+        inputs[module] = x.reshape(-1, x.shape[-1]).float()
+
+    return run_hooked(block, modules, hook, hidden, kwargs), inputs
+
+
+class FloatTarget(Transform):
+    """The calibration loop's hooks for gptaq: carry the float model's hidden states, run each
+    float block on them before it is quantized (X_fp of every linear, the next block's float
+    stream), and hand the quantizer W* instead of W."""
+
+    def before_model(self, run) -> None:
+        self.hidden = run.hidden  # the float model's hidden states (after any earlier transform)
+        self.inputs: dict = {}
+        self.factor: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def before_quantize(self, run, block) -> None:
+        self.hidden, self.inputs = float_inputs(block.block, block.names, self.hidden.to(run.device), block.kwargs)
+
+    def on_input(self, module: nn.Module, x: torch.Tensor, hessian: torch.Tensor) -> None:
+        self.factor = target_factor(self.inputs[module], x, hessian)
+
+    def target(self, weight: torch.Tensor) -> torch.Tensor:
+        return float_target(weight, self.factor)
+
+    def after_block(self, run, block) -> None:
+        self.inputs, self.factor = {}, None
+

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from ..nn.families import linear_weight
+from .blocks import ERROR_SAMPLES, is_norm, module_name, norm_inputs, output, record_changed, relative_change, rows
+from .transform import Transform
 
 SEED = 0  # of the random rotations: the same checkpoint for the same model and calibration
 
@@ -145,3 +147,123 @@ def norm_commutes(norm: nn.Module, x: torch.Tensor, q: torch.Tensor, offset: flo
     expected = norm(rotate(x, q.t())).double()
     got = rotate(unit(x), q.t()).double() * norm_gain(norm.weight, offset)
     return ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+FOLD_TOLERANCE = 1e-3  # relative change of a float output that rotating 32-bit weights may cause
+FOLD_TOLERANCE_16BIT = 2e-2  # the same for 16-bit weights (rounded after rotating)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return FOLD_TOLERANCE if dtype.itemsize >= 4 else FOLD_TOLERANCE_16BIT
+
+
+def final_norm(model: nn.Module, prefix: str) -> tuple[str, nn.Module]:
+    """(name, module) of the one norm outside the decoder blocks (applied before the head)."""
+    found = [(n, m) for n, m in model.named_modules() if is_norm(m) and not n.startswith(prefix + ".")]
+    if len(found) != 1:
+        raise ValueError(
+            f"{type(model).__name__}: rotation needs exactly one norm outside the decoder blocks "
+            f"(the final norm), found {len(found)}: {[n for n, _ in found]}"
+        )
+    return found[0]
+
+
+def rotate_outside(
+    model: nn.Module,
+    prefix: str,
+    q: torch.Tensor,
+    hidden: torch.Tensor,
+    changed: dict[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Record in `changed` the rotated embedding, the unit final norm and the head W diag(g) Q
+    (design: this module's docstring), in `dtype` (a writer's source dtype; default the model's).
+    A tied head gets its own tensor. ValueError when the final norm is not an RMS norm (it would
+    not commute with Q). prefix: the decoder blocks' name; hidden: [S, T, D] first block's input."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is None or head is None:
+        raise ValueError(f"{type(model).__name__}: rotation needs an input embedding and an output head")
+    norm_name, norm = final_norm(model, prefix)
+    offset = weight_offset(norm)  # Gemma's norms scale by 1 + w
+    sample = rotate(hidden[:1].reshape(-1, hidden.shape[-1]), q).to(norm.weight.dtype)
+    drift = norm_commutes(norm, sample, q, offset)
+    if not drift < _tolerance(norm.weight.dtype):
+        raise ValueError(
+            f"{norm_name}: rotation needs RMS norms that commute with an orthogonal rotation; this one "
+            f"changed its output by {drift:.2e} (relative)"
+        )
+    tied = head.weight is embed.weight or head.weight.is_meta  # a streamed tied head is never read
+    head_weight = embed.weight if tied else head.weight
+    rotated = {
+        f"{module_name(model, embed)}.weight": rotate(embed.weight.detach(), q),
+        f"{module_name(model, head)}.weight": rotated_head(
+            head_weight.detach(), norm_gain(norm.weight.detach(), offset), q
+        ),
+        f"{norm_name}.weight": torch.full_like(norm.weight, 1 - offset),
+    }
+    changed.update({name: value.to("cpu", dtype or value.dtype) for name, value in rotated.items()})
+
+
+def rotate_block(
+    block: nn.Module,
+    block_name: str,
+    q: torch.Tensor,
+    hidden: torch.Tensor,
+    kwargs: dict,
+    targets: dict,
+    changed: dict[str, torch.Tensor],
+) -> None:
+    """Fold the norms of one float block into the linears reading them and rotate its linears
+    (design: this module's docstring). Checked: the block's output on the rotated stream is its
+    float output rotated; ValueError naming the block otherwise. hidden: [S, T, D] rotated stream."""
+    total = hidden.shape[0]
+    few = min(ERROR_SAMPLES, total)
+    kw = rows(kwargs, few, total)
+    width = q.shape[0]
+    expected = rotate(output(block(rotate(hidden[:few], q.t()), **kw)), q)
+    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    norms = norm_inputs(block, linears, hidden[:1], rows(kwargs, 1, total))
+    # the norms on the stream (not inside attention), each once with the linears reading it
+    stream_norms = {id(norm): (norm, readers) for norm, readers in norms.values() if norm.weight.numel() == width}
+    for norm, readers in stream_norms.values():
+        fold_norm_(norm, readers, weight_offset(norm))
+    touched = [norm for norm, _ in stream_norms.values()]
+    for linear in linears:
+        if linear in norms and linear.in_features == width:
+            rotate_inputs_(linear, q)
+        elif linear not in norms and linear.out_features == width:
+            rotate_outputs_(linear, q)
+        else:
+            continue
+        touched.append(linear)
+    for module in block.modules():
+        values, out = getattr(module, "v_proj", None), getattr(module, "o_proj", None)
+        head_dim = getattr(module, "head_dim", None)
+        if isinstance(values, nn.Linear) and isinstance(out, nn.Linear) and head_dim:
+            if values.out_features % head_dim == 0 and out.in_features % head_dim == 0:
+                r = random_orthogonal(head_dim, SEED + 1)
+                rotate_heads_(values, out, r, head_dim)
+    got = output(block(hidden[:few], **kw))
+    drift = relative_change(got, expected)
+    if not drift < _tolerance(hidden.dtype):
+        raise ValueError(
+            f"{block_name}: rotation changed the float block output (relative {drift:.2e}); rotation needs "
+            "pre-norm blocks with RMS norms whose linears read the normed stream or write to it (Llama-style)"
+        )
+    record_changed(block, block_name, touched, targets, changed)
+
+
+class Rotation(Transform):
+    """The calibration loop's hooks for rotations: embedding, final norm and head rotated once
+    and the captured stream rotated (before_model), each float block folded and rotated when it
+    is loaded, before its reference output is taken (before_block)."""
+
+    changes_float_tensors = True
+
+    def before_model(self, run) -> None:
+        self.q = random_orthogonal(run.hidden.shape[-1], SEED)
+        rotate_outside(run.model, run.prefix, self.q, run.hidden, run.changed, run.scale_dtype)
+        run.hidden = rotate(run.hidden, self.q)
+
+    def before_block(self, run, block) -> None:
+        rotate_block(block.block, block.name, self.q, block.hidden, block.kwargs, run.targets, run.changed)

@@ -7,7 +7,7 @@
   swaps in for either module type.
 - Which families a rotation of the residual stream (gptq-rot, methods/rotation.py) cannot be
   folded into, and why: refused with that reason before any calibration work
-  (`check_method`). The block check in llmquant.calibration.loop (rotated block output equals the
+  (`check_method`). The block check of methods/rotation.py (rotated block output equals the
   float block output rotated) stays as the safety net for what this table does not know.
 """
 
@@ -96,12 +96,12 @@ def rotation_refusal(model: nn.Module) -> str | None:
 def check_method(model: nn.Module, method: str) -> None:
     """ValueError (one line, naming the family and the reason) when `method` cannot run on this
     model's family; called before any calibration work."""
-    from ..methods import get_method
+    from ..methods.presets import get_preset
     from .experts import is_experts
 
-    chosen = get_method(method)
+    chosen = get_preset(method)
     experts = [name for name, module in model.named_modules() if is_experts(module)]
-    if experts and (chosen.rotation or chosen.scaling or chosen.float_target):
+    if experts and chosen.transforms:  # the transforms act on nn.Linear layers only
         raise ValueError(
             f"{family(model)}: --method {method} cannot handle this family: its Mixture-of-Experts layers "
             f"({experts[0]}) are quantized by gptq, gptq-noclip, clip or rtn only"

@@ -1,5 +1,7 @@
-"""Swap a model's nn.Linear layers for QuantLinear (and Mixture-of-Experts experts modules for
-QuantExperts, llmquant/experts.py): empty (to load packed weights) or quantized."""
+"""Which of a model's modules are quantized, and swapping them: nn.Linear layers for QuantLinear
+(and Mixture-of-Experts experts modules for QuantExperts, llmquant/nn/experts.py), empty to load
+packed weights, and back to float (`dequantize_`). Round to nearest is here
+(`round_to_nearest_`); `llmquant.api.quantize_` also runs the calibrated methods."""
 
 from __future__ import annotations
 
@@ -101,7 +103,8 @@ def expert_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.M
     return found
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the qualified `name` inside `model` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -113,23 +116,19 @@ def replace_with_empty_quant_linear(model: nn.Module, config: QuantConfig, dtype
     replaced = []
     for name, linear in linear_layers(model, config):
         module = QuantLinear.like(linear, config.bits, config.group_size, config.sym, dtype=dtype)
-        _set_module(model, name, module)
+        set_module(model, name, module)
         replaced.append(name)
     for name, experts in expert_layers(model, config):
-        _set_module(model, name, QuantExperts.like(experts, config.bits, config.group_size, config.sym, dtype=dtype))
+        set_module(model, name, QuantExperts.like(experts, config.bits, config.group_size, config.sym, dtype=dtype))
         replaced.append(name)
     return replaced
 
 
-@torch.no_grad()
-def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, calibration=None) -> nn.Module:
-    """Quantize `model` in place: every selected nn.Linear becomes a QuantLinear (codes chosen
-    by config.method, scales in the weight's dtype). Returns the model.
-
-    Calibrated methods ("gptq", "clip") need `calibration`: a `llmquant.CalibrationSet`
-    (`llmquant.load_calibration(tokenizer)`) or token ids [S, T] int64; they run block by
-    block (see `llmquant.calibration.loop`) and record the calibration in model.config.
-    """
+def quantizable_layers(
+    model: nn.Module, config: QuantConfig
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """(linear_layers, expert_layers) of the config, after refusing (ValueError) an unmatched
+    --skip entry, a weight that is not a finite float tensor in memory, or nothing to quantize."""
     check_skip_matches(model, config)
     layers = linear_layers(model, config)
     experts = expert_layers(model, config)
@@ -141,17 +140,27 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, cali
         check_finite(weight, name)
     if not layers and not experts:  # quantizing nothing is an error, not a model that claims to be quantized
         raise ValueError(f"{type(model).__name__}: no layer to quantize (no nn.Linear or Conv1D outside the skipped)")
-    from ..methods import get_method
+    return layers, experts
 
-    if get_method(config.method).calibrated:
-        from ..calibration.loop import quantize_calibrated_
 
-        return quantize_calibrated_(model, config, calibration, progress)
+@torch.no_grad()
+def round_to_nearest_(
+    model: nn.Module,
+    config: QuantConfig,
+    progress: bool = True,
+    layers: list[tuple[str, nn.Module]] | None = None,
+    experts: list[tuple[str, nn.Module]] | None = None,
+) -> nn.Module:
+    """`llmquant.quantize_` for the calibration-free method (rtn): each selected layer swapped for
+    its round-to-nearest QuantLinear / QuantExperts; layers, experts: `quantizable_layers` (checked
+    here when not given). Records the resolved config in model.config. Returns the model."""
+    if layers is None or experts is None:
+        layers, experts = quantizable_layers(model, config)
     # What the model holds, recorded before the swap (the default skip looks at the float head):
     # save_pretrained writes it, and without it a reload builds nn.Linear over packed tensors.
     resolved = QuantConfig(**{**config.to_dict(), "modules_to_not_convert": modules_to_skip(model, config)})
     for name, linear in progress_bar(layers, enabled=progress, desc="quantizing", unit="layer"):
-        _set_module(
+        set_module(
             model,
             name,
             QuantLinear.from_linear(
@@ -163,7 +172,7 @@ def quantize_(model: nn.Module, config: QuantConfig, progress: bool = True, cali
         def rtn(proj: str, expert: int, weight: torch.Tensor, name: str = name) -> dict[str, torch.Tensor]:
             return quantize_weight(weight, config.bits, config.group_size, config.sym, name=f"{name}.{proj}[{expert}]")
 
-        _set_module(model, name, quantize_experts(module, rtn, config.bits, config.group_size, config.sym))
+        set_module(model, name, quantize_experts(module, rtn, config.bits, config.group_size, config.sym))
     if hasattr(model, "config"):
         model.config.quantization_config = resolved
     return model
@@ -186,9 +195,9 @@ def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
         linear.weight.copy_(weight)
         if module.bias is not None:
             linear.bias.copy_(module.bias)
-        _set_module(model, name, linear)
+        set_module(model, name, linear)
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantExperts)]:
-        _set_module(model, name, module.to_float(model.config, dtype))
+        set_module(model, name, module.to_float(model.config, dtype))
     forget_quantization(model)
     return model
 

@@ -99,7 +99,7 @@ def test_tensor_reader_reads_by_name_and_names_a_missing_tensor(stories_dir):
 
 def _fail_on(monkeypatch, layer: str, error: BaseException):
     """Make the method raise `error` when it reaches `layer` (after quantizing the layers before)."""
-    real = sequential.get_method
+    real = sequential.resolve
 
     def patched(name):
         method = real(name)
@@ -111,7 +111,7 @@ def _fail_on(monkeypatch, layer: str, error: BaseException):
 
         return dataclasses.replace(method, quantize=quantize)
 
-    monkeypatch.setattr(sequential, "get_method", patched)
+    monkeypatch.setattr(sequential, "resolve", patched)
 
 
 def _snapshot(model):
@@ -188,8 +188,8 @@ def test_rotation_refuses_a_norm_that_does_not_commute(stories_dir, tokens, monk
     model.model.norm = torch.nn.LayerNorm(64)
     before, types = _snapshot(model), {name: type(m) for name, m in model.named_modules()}
     captured = []
-    capture = sequential._blocks_inputs
-    monkeypatch.setattr(sequential, "_blocks_inputs", lambda *args: captured.append(1) or capture(*args))
+    capture = sequential.blocks_inputs
+    monkeypatch.setattr(sequential, "blocks_inputs", lambda *args: captured.append(1) or capture(*args))
     if family_check:
         expected = r"llama: --method gptq-rot cannot rotate this family: LayerNorm .* \(model.norm\)"
     else:

@@ -8,8 +8,10 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 import llmquant
 from llmquant import QuantConfig
-from llmquant.calibration import loop as sequential
+from llmquant.calibration.capture import block_inputs, decoder_blocks
+from llmquant.calibration.hessian import input_hessian
 from llmquant.methods import awq
+from llmquant.methods.blocks import output
 from llmquant.nn.surgery import linear_layers
 
 from .test_methods import stories  # noqa: F401  (module fixture: calibration + held-aside tokens)
@@ -18,18 +20,20 @@ FOLDED = ("self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"
 
 
 def fold_every_block(model, config, tokens):
-    """Run `sequential._scale_block` on every block of the float model (no quantization); returns
+    """Run `awq.scale_block` on every block of the float model (no quantization); returns
     (changed tensors, skipped names per block, relative change of each block's float output)."""
     targets = dict(linear_layers(model, config))
-    prefix, blocks = sequential.decoder_blocks(model)
-    hidden, kwargs = sequential._block_inputs(model, blocks[0], tokens)
+    prefix, blocks = decoder_blocks(model)
+    hidden, kwargs = block_inputs(model, blocks[0], tokens)
     changed, skipped, drift = {}, [], []
     for index, block in enumerate(blocks):
         names = {m: n for n, m in block.named_modules() if f"{prefix}.{index}.{n}" in targets}
-        reference = sequential._output(block(hidden, **kwargs))
+        reference = output(block(hidden, **kwargs))
         name = f"{prefix}.{index}"
-        skipped.append(sequential._scale_block(block, name, names, hidden, kwargs, config, targets, changed, reference))
-        hidden = sequential._output(block(hidden, **kwargs))
+        skipped.append(
+            awq.scale_block(block, name, names, hidden, kwargs, config, targets, changed, reference, input_hessian)
+        )
+        hidden = output(block(hidden, **kwargs))
         drift.append(((hidden - reference).norm() / reference.norm()).item())
     return changed, skipped, drift
 

@@ -23,13 +23,14 @@ from transformers import (
 
 import llmquant
 from llmquant import QuantConfig
-from llmquant.calibration.loop import input_hessian
+from llmquant.calibration.experts import calibrate_experts
+from llmquant.calibration.hessian import input_hessian
 from llmquant.checkpoint.conversion import Conversion, ConvertedReader, per_expert_rows
 from llmquant.checkpoint.source import TensorReader, tensor_specs, weight_files
 from llmquant.cli import main
-from llmquant.methods import get_method
+from llmquant.methods.compose import resolve
 from llmquant.methods.grid import dequantize
-from llmquant.nn.experts import QuantExperts, calibrate_experts
+from llmquant.nn.experts import QuantExperts
 from llmquant.nn.linear import QuantLinear
 
 from ..conftest import SHARED_DATA, STORIES
@@ -256,7 +257,7 @@ def test_every_expert_is_calibrated_on_all_tokens():
     experts = AutoModelForCausalLM.from_config(config).model.layers[0].mlp.experts.float()
     floats = {p: getattr(experts, p).detach().clone() for p in ("gate_up_proj", "down_proj")}
     x = torch.randn(64, HIDDEN)
-    method = get_method("gptq")
+    method = resolve("gptq")
     seen = []
 
     def quantize(proj, expert, weight, h):

@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 import llmquant
 from llmquant import QuantConfig
-from llmquant.calibration import loop as sequential
+from llmquant.calibration.capture import blocks_inputs, decoder_blocks
 from llmquant.calibration.data import load_calibration
 from llmquant.cli import main
 
@@ -256,9 +256,9 @@ def test_each_block_gets_its_own_inputs(family_dir, tokens):
     and rotary embeddings): the captured inputs differ between the two blocks, and running the
     float blocks one after the other on them reproduces the model's last hidden state."""
     model = AutoModelForCausalLM.from_pretrained(family_dir, dtype=torch.float32).eval()
-    _, blocks = sequential.decoder_blocks(model)
+    _, blocks = decoder_blocks(model)
     with torch.no_grad():
-        hidden, kwargs = sequential._blocks_inputs(model, blocks, tokens)
+        hidden, kwargs = blocks_inputs(model, blocks, tokens)
         masks = [kw["attention_mask"] for kw in kwargs]  # a full-attention mask may be None (sdpa's is_causal)
         assert masks[0] is not masks[1] and not (masks[1] is not None and torch.equal(masks[0], masks[1]))
         for block, kw in zip(blocks, kwargs, strict=True):
