@@ -26,7 +26,7 @@ import torch
 import triton
 
 from . import gemm, gemv, prefill, tiles, tuning
-from .layout import check_bits, effective_group_size, num_groups, packed_rows
+from .layout import check_bits, effective_group_size, num_groups, packed_rows, values_per_word
 from .tuning import GEMV_BITS, GEMV_MAX_M, SMALL_M, KernelConfig
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -87,7 +87,7 @@ def _check_weights(k, qweight, scales, qzeros, bias, bits, group_size, device) -
     effective_group_size(group_size, k)  # ValueError unless a positive int or -1
     if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2 or qweight.dtype != torch.int32:
         raise ValueError(
-            f"qweight must be a 2-D int32 tensor [ceil(K/{32 // bits}), N], got "
+            f"qweight must be a 2-D int32 tensor [ceil(K/{values_per_word(bits)}), N], got "
             f"{getattr(qweight, 'dtype', type(qweight))} of shape {tuple(getattr(qweight, 'shape', ()))}"
         )
     rows, n = qweight.shape

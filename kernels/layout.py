@@ -130,7 +130,8 @@ def unpack_codes_kn(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """The codes of qweight [rows, N] int32, K-major as stored: [rows * V, N] (K padded to whole
     words; uint8 or int32), code k of column n at row k. No transpose copy."""
     rows, n = qweight.shape
-    if bits == 8 and sys.byteorder == "little" and qweight.is_contiguous():
+    # stride(-1) too: a size-1 dimension leaves a transposed view "contiguous" with another stride
+    if bits == 8 and sys.byteorder == "little" and qweight.is_contiguous() and qweight.stride(-1) == 1:
         # Byte j of a little-endian word is code j: reading bytes beats shifting int32 words
         # (for 4 bits, nibble splitting does not pay).
         return qweight.view(torch.uint8).view(rows, n, 4).permute(0, 2, 1).reshape(rows * 4, n)

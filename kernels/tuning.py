@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import triton
 
+from .layout import values_per_word
+
 GEMV_MAX_M = 4  # M <= this: the GEMV family (one token per row, no tl.dot padding to 16 rows)
 SMALL_M = 64  # GEMV_MAX_M < M <= this: the split-K tl.dot family (decode batches, short chunks)
 # Widths `gemv` takes: codes that fill a word exactly (V = 16, 8, 4); 3-bit words take `gemm`.
@@ -68,7 +70,7 @@ def prefill_threshold() -> int:
 
 def _words_rows(block_k: int, bits: int) -> int:
     """Rows of packed words one BLOCK_K step loads: BLOCK_K / V, or BLOCK_K for 3 bits (V = 10)."""
-    per_word = 32 // bits
+    per_word = values_per_word(bits)
     return block_k // per_word if per_word & (per_word - 1) == 0 else block_k
 
 

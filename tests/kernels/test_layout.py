@@ -46,11 +46,14 @@ def test_dequantize_codes_leaves_its_inputs_alone():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_unpack_of_a_transposed_view(bits):
-    """Formats unpack zero points packed along N from a transposed view (not contiguous)."""
-    codes = torch.randint(0, 1 << bits, (24, 64), dtype=torch.uint8)
-    words = layout.pack_codes(codes, bits).t().contiguous().t()
-    assert not words.is_contiguous()
+@pytest.mark.parametrize("n", [24, 1])
+def test_unpack_of_a_transposed_view(bits, n):
+    """Formats unpack zero points packed along N from a transposed view (strided; with one group
+    it is [rows, 1] and counts as contiguous though its last stride is not 1)."""
+    codes = torch.randint(0, 1 << bits, (n, 64), dtype=torch.uint8)
+    packed = layout.pack_codes(codes, bits)
+    words = packed.new_empty(packed.shape[::-1]).t().copy_(packed)  # as `.t()` of a loaded [G, rows]
+    assert words.stride(-1) != 1
     assert torch.equal(layout.unpack_codes(words, bits, 64), codes)
 
 
