@@ -11,18 +11,18 @@ copy of the codes repacked once (at load, or on the first CPU forward) into the 
 - 8-bit codes q = 16 * hi + lo are two 4-bit matrices stacked along N: hi with scale 16 s and
   zero (136 - z) * s, lo with scale s and zero 0; the two halves of the [M, 2N] output are summed
   (in the same op that casts back to the activation dtype).
-- The kernel is fast for bfloat16/float16 activations only (float32 ones take a much slower path,
-  docs/KERNELS.md), so float32 inputs are rounded to bfloat16 for this one GEMM (and the output cast back):
-  3 ops per call. The rounding error (relative 2^-9 per activation) is well under the int4
-  quantization error, and comparable to the int8 one.
+- The kernel is fast for bfloat16/float16 activations only (float32 ones take a much slower
+  path, docs/KERNELS.md), so float32 inputs are rounded to bfloat16 for this one GEMM (and the
+  output cast back): 3 ops per call. The rounding error (relative 2^-9 per activation) is well
+  under the int4 quantization error, and comparable to the int8 one.
 
 Threads: tinygemm splits its rows evenly over torch's intra-op threads, so when another process
 keeps one of the cores busy, the thread sharing that core makes every call wait for it, while
 MKL's float GEMV at one row is effectively single-threaded and is not slowed (measured with
 bench_cpu beside a busy process: docs/KERNELS.md, "CPU path"). So decode calls use fewer threads
-while the machine is oversubscribed (`decode_threads`): the number of runnable threads in /proc/loadavg minus torch's
-own (they run or spin between the ops of a decode step) is the number of cores busy elsewhere;
-sampled at most every 0.1 s, the median of the last 3 samples counts.
+while the machine is oversubscribed (`decode_threads`): the number of runnable threads in
+/proc/loadavg minus torch's own (they run or spin between the ops of a decode step) is the number
+of cores busy elsewhere; sampled at most every 0.1 s, the median of the last 3 samples counts.
 
 Prefill (many rows) is GEMM-bound: dequantize W in the activation dtype and call F.linear.
 
