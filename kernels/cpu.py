@@ -11,19 +11,18 @@ copy of the codes repacked once (at load, or on the first CPU forward) into the 
 - 8-bit codes q = 16 * hi + lo are two 4-bit matrices stacked along N: hi with scale 16 s and
   zero (136 - z) * s, lo with scale s and zero 0; the two halves of the [M, 2N] output are summed
   (in the same op that casts back to the activation dtype).
-- The kernel is fast for bfloat16/float16 activations only (float32 ones take a slow path, ~10x
-  here), so float32 inputs are rounded to bfloat16 for this one GEMM (and the output cast back):
-  3 ops per call. The rounding error (relative 2^-9 per activation) is well under the int4
-  quantization error, and comparable to the int8 one.
+- The kernel is fast for bfloat16/float16 activations only (float32 ones take a much slower
+  path, docs/KERNELS.md), so float32 inputs are rounded to bfloat16 for this one GEMM (and the
+  output cast back): 3 ops per call. The rounding error (relative 2^-9 per activation) is well
+  under the int4 quantization error, and comparable to the int8 one.
 
 Threads: tinygemm splits its rows evenly over torch's intra-op threads, so when another process
 keeps one of the cores busy, the thread sharing that core makes every call wait for it, while
-MKL's float GEMV at one row is effectively single-threaded and is not slowed (bench_cpu, int8
-decode beside one busy process: 0.70x float32 before, 0.87-0.91x with this, in
-evals/results/smollm2-135m-cpu.md and its history). So decode calls use fewer threads while the machine is
-oversubscribed (`decode_threads`): the number of runnable threads in /proc/loadavg minus torch's
-own (they run or spin between the ops of a decode step) is the number of cores busy elsewhere;
-sampled at most every 0.1 s, the median of the last 3 samples counts.
+MKL's float GEMV at one row is effectively single-threaded and is not slowed (measured with
+bench_cpu beside a busy process: docs/KERNELS.md, "CPU path"). So decode calls use fewer threads
+while the machine is oversubscribed (`decode_threads`): the number of runnable threads in
+/proc/loadavg minus torch's own (they run or spin between the ops of a decode step) is the number
+of cores busy elsewhere; sampled at most every 0.1 s, the median of the last 3 samples counts.
 
 Prefill (many rows) is GEMM-bound: dequantize W in the activation dtype and call F.linear.
 
@@ -40,10 +39,10 @@ import time
 
 import torch
 
-from .layout import effective_group_size, unpack_codes
+from .layout import effective_group_size, implicit_zero, unpack_codes
 
-# Rows (tokens) up to which the int4 kernel beat dequantize + GEMM on SmolLM2 shapes here (1 thread,
-# busy machine: int4 ~2x faster at 16-32 rows, even at 64; 8 bits, two GEMMs, even at ~16-32).
+# Rows (tokens) up to which the int4 kernel beat dequantize + GEMM on SmolLM2 shapes (docs/KERNELS.md,
+# "CPU path"); 8 bits runs two int4 GEMMs, so it stops paying at fewer rows.
 DECODE_MAX_ROWS_ENV = "LLMQUANT_CPU_DECODE_ROWS"
 DECODE_MAX_ROWS = {2: 32, 3: 32, 4: 32, 8: 16}
 TINYGEMM_GROUPS = (256, 128, 64, 32)
@@ -131,7 +130,7 @@ def repack_int4(
     group = effective_group_size(group_size, in_features)
     codes = unpack_codes(qweight, bits, in_features).to(torch.int32)  # [N, K]
     s = scales.to(torch.float32)  # [G, N]
-    z = torch.full_like(s, float(1 << (bits - 1))) if qzeros is None else qzeros.to(torch.float32)
+    z = torch.full_like(s, float(implicit_zero(bits))) if qzeros is None else qzeros.to(torch.float32)
     if bits == 8:
         codes = torch.cat((codes >> 4, codes & 15), dim=0)  # [2N, K]
         scale = torch.cat((16 * s, s), dim=1)  # [G, 2N]
@@ -139,7 +138,7 @@ def repack_int4(
     else:
         # Shift 2-/3-bit codes to the middle of 0..15 (q + o, z + o) so tinygemm's zero
         # (8 - z - o) * s stays small: it is rounded to bfloat16 and is shared by a whole group.
-        offset = 8 - (1 << (bits - 1))
+        offset = 8 - implicit_zero(bits)
         codes = codes + offset
         scale, zero = s, (8 - offset - z) * s
     repeat = group // tg

@@ -26,8 +26,8 @@ import torch
 import triton
 
 from . import gemm, gemv, prefill, tiles, tuning
-from .layout import SUPPORTED_BITS, effective_group_size, num_groups, packed_rows
-from .tuning import GEMV_MAX_M, SMALL_M, KernelConfig
+from .layout import check_bits, effective_group_size, num_groups, packed_rows, values_per_word
+from .tuning import GEMV_BITS, GEMV_MAX_M, SMALL_M, KernelConfig
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -41,7 +41,7 @@ _LAUNCH = {"gemv": gemv.launch, "gemm": gemm.launch, "dequant": prefill.launch}
 def interpret_config(m: int, bits: int) -> KernelConfig:
     """The fixed config per route under the interpreter: tiles big enough to keep the program count
     (and so the CPU time) low, split_k = 2 so the split-K finish is exercised by the CPU tests."""
-    if m <= GEMV_MAX_M and bits in gemv.SUPPORTED:
+    if m <= GEMV_MAX_M and bits in GEMV_BITS:
         return KernelConfig(triton.next_power_of_2(m), 64, 64, 2, 4, 1, "gemv")
     if m <= SMALL_M:
         return KernelConfig(max(16, triton.next_power_of_2(m)), 64, 64, 2, 4, 1)
@@ -83,13 +83,11 @@ def pick_config(x2d, qweight, scales, qzeros, bias, bits, group, out) -> KernelC
 
 def _check_weights(k, qweight, scales, qzeros, bias, bits, group_size, device) -> None:
     """Raise ValueError naming the offending weight tensor; shapes, dtypes, devices (no host sync)."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
-        raise ValueError(f"group_size must be -1 or a positive int, got {group_size!r}")
+    check_bits(bits)
+    effective_group_size(group_size, k)  # ValueError unless a positive int or -1
     if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2 or qweight.dtype != torch.int32:
         raise ValueError(
-            f"qweight must be a 2-D int32 tensor [ceil(K/{32 // bits}), N], got "
+            f"qweight must be a 2-D int32 tensor [ceil(K/{values_per_word(bits)}), N], got "
             f"{getattr(qweight, 'dtype', type(qweight))} of shape {tuple(getattr(qweight, 'shape', ()))}"
         )
     rows, n = qweight.shape
@@ -163,8 +161,8 @@ def _quant_matmul_2d(
     if done is not None:
         return done
     cfg = config or pick_config(x2d, qweight, scales, qzeros, bias, bits, group, out)
-    if cfg.route == "gemv" and (m > cfg.block_m or bits not in gemv.SUPPORTED):
-        raise ValueError(f"the gemv route needs M <= block_m={cfg.block_m} and bits in {gemv.SUPPORTED}")
+    if cfg.route == "gemv" and (m > cfg.block_m or bits not in GEMV_BITS):
+        raise ValueError(f"the gemv route needs M <= block_m={cfg.block_m} and bits in {GEMV_BITS}")
     return _launch(x2d, qweight, scales, qzeros, bias, bits, group, out, cfg)
 
 
@@ -198,7 +196,7 @@ def quant_matmul(
     """y = x @ dequantize(qweight, scales, qzeros)^T + bias with the fused Triton kernels.
 
     x: [..., K] float16/bfloat16/float32 (CUDA, or CPU under TRITON_INTERPRET=1)
-    qweight: [ceil(K / (32 // bits)), N] int32, the layout of `pack.py`
+    qweight: [ceil(K / (32 // bits)), N] int32, the layout of `layout.py`
     scales: [ceil(K / G), N] float (any of the three float dtypes; cast in the kernel)
     qzeros: [ceil(K / G), N] uint8, or None for symmetric (zero = 2^(bits-1))
     bias: [N] float or None;  bits: 2, 3, 4 or 8;  group_size: G, or -1 for one group per row

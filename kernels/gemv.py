@@ -104,9 +104,6 @@ def _gemv_kernel(
     )
 
 
-SUPPORTED = (2, 4, 8)
-
-
 def launch(x2d, qweight, scales, qzeros, bias, bits, group, out, cfg: KernelConfig) -> torch.Tensor:
     """out [M, N] = x2d [M, K] @ W^T + bias; x2d, weights and out contiguous; M <= cfg.block_m."""
     m, k = x2d.shape

@@ -1,8 +1,8 @@
 """Large-M (prefill) route: dequantize W^T into a scratch buffer with one fast kernel, then cuBLAS.
 
 At large M the product is compute bound and cuBLAS' fp16/bf16 GEMM is the ceiling; a fused
-dequantizing GEMM re-dequantizes every weight tile once per M tile and runs at ~0.5x of it
-(GPU.md). Dequantizing once costs one read of the packed weight plus one write of K x N
+dequantizing GEMM re-dequantizes every weight tile once per M tile and falls well behind it
+(docs/KERNELS.md, "Routing"). Dequantizing once costs one read of the packed weight plus one write of K x N
 activations-dtype values, small against the GEMM once M is a few hundred, so the route stays near
 fp16 speed. The scratch buffer ([K, N] in the activation dtype, e.g. 470 MB for 28672 x 8192 in
 fp16) is taken from torch's caching allocator per call and released after the GEMM.

@@ -1,38 +1,34 @@
-"""Torch reference for the packed layout: dequantize, and a float64 linear to test kernels against."""
+"""Float64 reference of the stored format, written from its formula (docs/FORMAT.md) alone.
+
+It shares no code with `layout` (not the unpacker, not the dequantizer), so the kernels, the
+dequantizer and QuantLinear are tested against an independent statement of the format:
+
+    code(k, n) = (qweight[k // V, n] >> (bits * (k % V))) & (2^bits - 1),   V = 32 // bits
+    W[n, k] = (code(k, n) - zero[k // group, n]) * scale[k // group, n],    zero = 2^(bits-1) if symmetric
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .layout import effective_group_size, unpack_codes
 
-
-def dequantize(
+def reference_dequantize(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     qzeros: torch.Tensor | None,
     bits: int,
     group_size: int,
     in_features: int,
-    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Rebuild W [N, K] = (code - zero) * scale.
-
-    qweight: [ceil(K/V), N] int32; scales: [G, N] float; qzeros: [G, N] uint8 or None for
-    symmetric (implicit zero 2^(bits-1)); G = ceil(K / group_size). Returns `dtype`
-    (default: the scales' dtype). The arithmetic is done in float32, or float64 if asked.
-    """
-    group = effective_group_size(group_size, in_features)
-    codes = unpack_codes(qweight, bits, in_features)  # [N, K]
-    out_dtype = dtype or scales.dtype
-    work = torch.float64 if out_dtype == torch.float64 else torch.float32
-    group_index = torch.arange(in_features, device=qweight.device) // group
-    scale = scales.t().to(work)[:, group_index]  # [N, K]
-    if qzeros is None:
-        zero = float(1 << (bits - 1))
-    else:
-        zero = qzeros.t().to(work)[:, group_index]
-    return ((codes.to(work) - zero) * scale).to(out_dtype)
+    """W [N, K] float64 from qweight [ceil(K/V), N] int32, scales [G, N], qzeros [G, N] or None."""
+    k = torch.arange(in_features, device=qweight.device)
+    per_word = 32 // bits
+    words = qweight.to(torch.int64)[k // per_word] & 0xFFFFFFFF  # [K, N], the word holding code k
+    codes = (words >> (bits * (k % per_word)).unsqueeze(1)) & (2**bits - 1)
+    group = in_features if group_size == -1 else group_size
+    g = k // group
+    zero = 2.0 ** (bits - 1) if qzeros is None else qzeros.to(torch.float64)[g]
+    return ((codes.to(torch.float64) - zero) * scales.to(torch.float64)[g]).t()
 
 
 def reference_linear(
@@ -44,8 +40,8 @@ def reference_linear(
     bits: int,
     group_size: int,
 ) -> torch.Tensor:
-    """x [..., K] @ dequantize(...)^T + bias, all in float64: the ground truth for kernels."""
-    weight = dequantize(qweight, scales, qzeros, bits, group_size, x.shape[-1], dtype=torch.float64)
+    """x [..., K] @ W^T + bias, all in float64: the ground truth for kernels."""
+    weight = reference_dequantize(qweight, scales, qzeros, bits, group_size, x.shape[-1])
     out = x.to(torch.float64) @ weight.t()
     if bias is not None:
         out = out + bias.to(torch.float64)

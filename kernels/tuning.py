@@ -26,12 +26,16 @@ from pathlib import Path
 import torch
 import triton
 
+from .layout import values_per_word
+
 GEMV_MAX_M = 4  # M <= this: the GEMV family (one token per row, no tl.dot padding to 16 rows)
 SMALL_M = 64  # GEMV_MAX_M < M <= this: the split-K tl.dot family (decode batches, short chunks)
-# M >= this takes the dequantize + cuBLAS route when the shape is untuned. From GPU.md: the fused
-# GEMM runs at 0.17-0.5x fp16 for M = 64-2048 while a dequantize pass costs about one read of the
-# packed weight plus one fp16 write (~the time of fp16 cuBLAS at M = 1), so it pays once cuBLAS'
-# own time is a few times that, around M = 128. Per-device override: LLMQUANT_PREFILL_M; with
+# Widths `gemv` takes: codes that fill a word exactly (V = 16, 8, 4); 3-bit words take `gemm`.
+GEMV_BITS = (2, 4, 8)
+# M >= this takes the dequantize + cuBLAS route when the shape is untuned: the fused GEMM falls
+# well behind fp16 cuBLAS at large M (docs/KERNELS.md, "Routing"), while a dequantize pass costs
+# about one read of the packed weight plus one fp16 write (~the time of fp16 cuBLAS at M = 1), so
+# it pays once cuBLAS' own time is a few times that, around M = 128. Per-device override: LLMQUANT_PREFILL_M; with
 # autotuning on, the route itself is one of the timed candidates, so the crossover is measured.
 DEFAULT_PREFILL_M = 128
 ROUTES = ("gemv", "gemm", "dequant")
@@ -66,7 +70,7 @@ def prefill_threshold() -> int:
 
 def _words_rows(block_k: int, bits: int) -> int:
     """Rows of packed words one BLOCK_K step loads: BLOCK_K / V, or BLOCK_K for 3 bits (V = 10)."""
-    per_word = 32 // bits
+    per_word = values_per_word(bits)
     return block_k // per_word if per_word & (per_word - 1) == 0 else block_k
 
 
@@ -159,7 +163,7 @@ def candidate_configs(
     """Candidates for M (sms: the GPU's SM count; max_smem: its per-block shared-memory limit in
     bytes, None if unknown; elt: activation bytes; prefill_m: the untuned dequant-route crossover);
     the first is the untuned default."""
-    if m <= GEMV_MAX_M and bits in (2, 4, 8):  # V = 16, 8, 4 codes per word; 3 bits: generic path
+    if m <= GEMV_MAX_M and bits in GEMV_BITS:
         out = _gemv_candidates(m, n, k, group, sms)
     elif m <= SMALL_M:
         out = _splitk_candidates(m, n, k, sms)

@@ -7,12 +7,12 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .kernels.layout import SUPPORTED_BITS
+# SUPPORTED_BITS and SUPPORTED_GROUP_SIZES stay importable from here, as before layout owned them
+from .kernels.layout import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, check_bits, check_group_size  # noqa: F401
 from .methods.presets import METHOD_NAMES, get_preset
 
 QUANT_METHOD = "llmquant"
 FORMAT_VERSION = 1
-SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
 SUPPORTED_METHODS = METHOD_NAMES
 # Short config names: intB-gG[-sym|-asym][-METHOD], e.g. int4-g128, int4-g128-sym-gptq.
 SHORT_NAME = re.compile(
@@ -66,10 +66,8 @@ class QuantConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every field; raise ValueError naming the field and the allowed values."""
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {self.bits!r}")
-        if isinstance(self.group_size, bool) or self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {list(SUPPORTED_GROUP_SIZES)}, got {self.group_size!r}")
+        check_bits(self.bits)
+        check_group_size(self.group_size)
         if not isinstance(self.sym, bool):
             raise ValueError(f"sym must be True or False, got {self.sym!r}")
         get_preset(self.method)  # ValueError listing the registered methods

@@ -2,9 +2,9 @@
 
 The plan comes from a meta-device skeleton of the model (no memory, no weights): its nn.Linear
 layers say which tensors are quantized, its state dict says what shape every tensor must have
-(a config.json that disagrees with the weights is refused before anything is written), and a
-`QuantLinear(..., device="meta")` per layer says what the quantized layer stores, so the written
-shapes can never drift from what loading expects.
+(a config.json that disagrees with the weights is refused before anything is written), and
+`kernels.layout.stored_tensors` says per layer what the quantized layer stores (QuantLinear builds
+its buffers from the same function), so the written shapes can never drift from what loading expects.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 
 from ..config import QuantConfig
 from ..errors import CheckpointError
+from ..kernels.layout import stored_tensors
 from ..nn import families
 from ..nn.experts import expert_shapes
-from ..nn.linear import QuantLinear
 from ..nn.surgery import check_skip_matches, expert_layers, linear_layers, modules_to_skip
 from .shards import TensorSpec
 
@@ -120,13 +120,13 @@ def check_shapes(source: list[TensorSpec], skeleton: Skeleton, config_path: Path
 
 
 def quantized_buffers(spec: TensorSpec, config: QuantConfig) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """(name, dtype, shape) of what a QuantLinear built for the weight `spec` [N, K] stores, in
-    the order `quantize_weight` returns them (qweight, scales, qzeros when asymmetric)."""
+    """(name, dtype, shape) of what the weight `spec` [N, K] is stored as (kernels.layout, what a
+    QuantLinear holds), in the order `quantize_weight` returns them (qweight, scales, qzeros when
+    asymmetric)."""
     if len(spec.shape) != 2 or not spec.dtype.is_floating_point:
         raise CheckpointError(f"tensor {spec.name!r} is {spec.dtype} {spec.shape}, not a 2-D float linear weight")
     n, k = spec.shape
-    module = QuantLinear(k, n, config.bits, config.group_size, config.sym, bias=False, dtype=spec.dtype, device="meta")
-    return [(name, b.dtype, tuple(b.shape)) for name, b in module.named_buffers() if isinstance(b, torch.Tensor)]
+    return [tuple(stored) for stored in stored_tensors(n, k, config.bits, config.group_size, config.sym, spec.dtype)]
 
 
 def output_specs(

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import QUANT_METHOD, QuantConfig
 from ..errors import first_line
+from ..kernels.layout import stored_tensors
 from ..nn.experts import QuantExperts
 from ..nn.linear import QuantLinear
 from .shards import DTYPES
@@ -170,8 +171,9 @@ def check_packed(module: str, packed: dict[str, torch.Tensor], n: int, k: int, c
     """llmquant tensors of one layer (`{"qweight", "scales", "qzeros"}`, as a format's
     import_layer returns them) against what a QuantLinear [n, k] of `config` holds: names, shapes,
     dtypes (scales any float dtype), then `check_values`. QuantizedCheckpointError naming `module`."""
-    reference = QuantLinear(k, n, config.bits, config.group_size, config.sym, bias=False, device="meta")
-    expected = {key: tensor for key, tensor in reference.named_buffers() if key in ("qweight", "scales", "qzeros")}
+    # scales may be any float dtype: only their shape is compared
+    stored = stored_tensors(n, k, config.bits, config.group_size, config.sym, torch.float16)
+    expected = {spec.name: spec for spec in stored}
     problem = None
     if packed.keys() != expected.keys():
         missing, extra = sorted(expected.keys() - packed.keys()), sorted(packed.keys() - expected.keys())
@@ -180,12 +182,12 @@ def check_packed(module: str, packed: dict[str, torch.Tensor], n: int, k: int, c
             + ([f"unexpected {', '.join(extra)}"] if extra else [])
         )
     else:
-        for key, tensor in expected.items():
+        for key, spec in expected.items():
             value = packed[key]
-            dtype_ok = value.is_floating_point() if key == "scales" else value.dtype == tensor.dtype
-            if tuple(value.shape) != tuple(tensor.shape) or not dtype_ok:
-                want = "a float dtype" if key == "scales" else str(tensor.dtype)
-                problem = f"{key} is {value.dtype} {list(value.shape)}, expected {want} {list(tensor.shape)}"
+            dtype_ok = value.is_floating_point() if key == "scales" else value.dtype == spec.dtype
+            if tuple(value.shape) != spec.shape or not dtype_ok:
+                want = "a float dtype" if key == "scales" else str(spec.dtype)
+                problem = f"{key} is {value.dtype} {list(value.shape)}, expected {want} {list(spec.shape)}"
                 break
     if problem:
         raise QuantizedCheckpointError(
@@ -203,19 +205,14 @@ def check_loaded(model: nn.Module, config: QuantConfig) -> None:
             _check_loaded_experts(name, module, config)
         if not isinstance(module, QuantLinear):
             continue
-        reference = QuantLinear(
-            module.in_features,
-            module.out_features,
-            config.bits,
-            config.group_size,
-            config.sym,
-            bias=module.bias is not None,
-            device="meta",
+        # the scales' dtype is the checkpoint's: only shapes are compared
+        stored = stored_tensors(
+            module.out_features, module.in_features, config.bits, config.group_size, config.sym, torch.float16
         )
         same = (module.bits, module.group_size, module.sym) == (config.bits, config.group_size, config.sym)
-        for key, tensor in reference.named_buffers():
+        for key, _, shape in stored:
             actual = getattr(module, key)
-            if actual is None or tuple(actual.shape) != tuple(tensor.shape):
+            if actual is None or tuple(actual.shape) != shape:
                 same = False
         if (module.qzeros is None) != config.sym:
             same = False

@@ -24,9 +24,9 @@ import torch
 
 from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
-from ..kernels.layout import packed_rows, values_per_word
+from ..kernels.layout import group_index, packed_rows
 from . import FormatError
-from .common import check_common, expect_shape, groups_of, pack_along_n, unpack_along_n
+from .common import ENGINE_BITS, check_common, expect_shape, groups_of, pack_along_n, unpack_along_n
 
 NAME = "compressed-tensors"
 FORMAT = "pack-quantized"
@@ -70,13 +70,13 @@ def check_model(quantized: Sequence[str], kept: Sequence[str]) -> None:
 
 
 def layer_specs(module: str, n: int, k: int, scale_dtype: torch.dtype, config: QuantConfig) -> list[TensorSpec]:
-    groups, per_word = groups_of(k, config), values_per_word(config.bits)
+    groups = groups_of(k, config)
     specs = [
         TensorSpec(f"{module}.weight_packed", torch.int32, (n, packed_rows(k, config.bits))),
         TensorSpec(f"{module}.weight_scale", scale_dtype, (n, groups)),
     ]
     if not config.sym:
-        specs.append(TensorSpec(f"{module}.weight_zero_point", torch.int32, ((n + per_word - 1) // per_word, groups)))
+        specs.append(TensorSpec(f"{module}.weight_zero_point", torch.int32, (packed_rows(n, config.bits), groups)))
     specs.append(TensorSpec(f"{module}.weight_shape", torch.int64, (2,)))
     return specs
 
@@ -102,8 +102,7 @@ def import_layer(
             raise FormatError(f"{module}.{name} is missing from the compressed-tensors checkpoint")
     if "weight_g_idx" in tensors:
         g_idx = tensors["weight_g_idx"].to(torch.int64)
-        group = k if config.group_size == -1 else config.group_size
-        if not torch.equal(g_idx, torch.arange(k) // group):
+        if not torch.equal(g_idx, group_index(k, config.group_size)):
             raise FormatError(f"{module}.weight_g_idx is an activation ordering; llmquant's groups are contiguous")
     if "weight_shape" in tensors and tensors["weight_shape"].tolist() != [n, k]:
         raise FormatError(f"{module}.weight_shape is {tensors['weight_shape'].tolist()}, the model says {[n, k]}")
@@ -172,7 +171,7 @@ def parse_config(quantization_config: dict) -> QuantConfig:
     weights = scheme.get("weights") or {}
     if scheme.get("input_activations") or scheme.get("output_activations"):
         raise FormatError("compressed-tensors scheme quantizes activations; llmquant reads weight-only schemes")
-    if weights.get("type", "int") != "int" or weights.get("num_bits") not in (4, 8):
+    if weights.get("type", "int") != "int" or weights.get("num_bits") not in ENGINE_BITS:
         kind = f"{weights.get('type')} {weights.get('num_bits')}-bit"
         raise FormatError(f"compressed-tensors weights are {kind}: llmquant reads int 4 and 8-bit")
     strategy = weights.get("strategy")

@@ -31,7 +31,7 @@ import torch
 
 from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
-from ..kernels.layout import packed_rows, values_per_word
+from ..kernels.layout import SUPPORTED_BITS, group_index, implicit_zero, packed_rows, values_per_word
 from . import FormatError
 from .common import check_common, expect_shape, groups_of, pack_along_n, unpack_along_n
 
@@ -39,6 +39,8 @@ NAME = "gptq"
 MEMBERS = ("qweight", "qzeros", "scales", "g_idx")
 CHECKPOINT_FORMAT = "gptq"  # v1: symmetric exports
 CHECKPOINT_FORMAT_ASYM = "gptq_v2"  # zeros as they are: asymmetric exports
+# Widths read: GPTQ's 3-bit codes cross int32 word boundaries, unlike llmquant's 10 per word.
+READ_BITS = tuple(bits for bits in SUPPORTED_BITS if 32 % bits == 0)
 BLOCK = re.compile(r"^(?P<prefix>.+?)[.](?P<index>[0-9]+)[.](?P<inner>.+)$")
 
 
@@ -72,15 +74,14 @@ def check_layer(module: str, n: int, k: int, config: QuantConfig) -> None:
 
 
 def _group_index(k: int, config: QuantConfig) -> torch.Tensor:
-    group = k if config.group_size == -1 else config.group_size
-    return torch.div(torch.arange(k, dtype=torch.int32), group, rounding_mode="floor")
+    return group_index(k, config.group_size).to(torch.int32)
 
 
 def layer_specs(module: str, n: int, k: int, scale_dtype: torch.dtype, config: QuantConfig) -> list[TensorSpec]:
-    groups, per_word = groups_of(k, config), values_per_word(config.bits)
+    groups = groups_of(k, config)
     return [
         TensorSpec(f"{module}.qweight", torch.int32, (packed_rows(k, config.bits), n)),
-        TensorSpec(f"{module}.qzeros", torch.int32, (groups, n // per_word)),
+        TensorSpec(f"{module}.qzeros", torch.int32, (groups, packed_rows(n, config.bits))),
         TensorSpec(f"{module}.scales", scale_dtype, (groups, n)),
         TensorSpec(f"{module}.g_idx", torch.int32, (k,)),
     ]
@@ -99,7 +100,7 @@ def export_layer(module: str, packed: dict[str, torch.Tensor], n: int, k: int, c
     "g_idx": [K] int32}."""
     groups = groups_of(k, config)
     if config.sym:
-        stored = torch.full((groups, n), (1 << (config.bits - 1)) - 1, dtype=torch.int32)
+        stored = torch.full((groups, n), implicit_zero(config.bits) - 1, dtype=torch.int32)
     else:
         stored = packed["qzeros"].to(torch.int32)
     return {
@@ -138,8 +139,8 @@ def import_layer(
         )
     packed = {"qweight": tensors["qweight"], "scales": tensors["scales"]}
     if config.sym:
-        if not bool((zeros == 1 << (bits - 1)).all()):
-            raise FormatError(f"{module}: the config says sym but qzeros are not all {1 << (bits - 1)}")
+        if not bool((zeros == implicit_zero(bits)).all()):
+            raise FormatError(f"{module}: the config says sym but qzeros are not all {implicit_zero(bits)}")
     else:
         packed["qzeros"] = zeros.to(torch.uint8)
     return packed
@@ -218,7 +219,7 @@ def parse_config(quantization_config: dict) -> QuantConfig:
     fmt = qc.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise FormatError(f"GPTQ checkpoint_format {fmt!r} is not read (only 'gptq' and 'gptq_v2')")
-    if qc.get("bits") not in (2, 4, 8):
+    if qc.get("bits") not in READ_BITS:
         raise FormatError(f"GPTQ bits {qc.get('bits')!r}: llmquant reads 2, 4 and 8-bit GPTQ checkpoints")
     for rule, override in (qc.get("dynamic") or {}).items():
         # negative rules keep layers in float (their tensors say so); a positive rule that changes

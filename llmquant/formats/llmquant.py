@@ -8,7 +8,7 @@ import torch
 
 from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
-from ..kernels.layout import num_groups, packed_rows
+from ..kernels.layout import stored_tensors
 
 NAME = "llmquant"
 MEMBERS = ("qweight", "scales", "qzeros")
@@ -40,14 +40,8 @@ def check_model(quantized: Sequence[str], kept: Sequence[str]) -> None:
 
 
 def layer_specs(module: str, n: int, k: int, scale_dtype: torch.dtype, config: QuantConfig) -> list[TensorSpec]:
-    groups = num_groups(k, config.group_size)
-    specs = [
-        TensorSpec(f"{module}.qweight", torch.int32, (packed_rows(k, config.bits), n)),
-        TensorSpec(f"{module}.scales", scale_dtype, (groups, n)),
-    ]
-    if not config.sym:
-        specs.append(TensorSpec(f"{module}.qzeros", torch.uint8, (groups, n)))
-    return specs
+    stored = stored_tensors(n, k, config.bits, config.group_size, config.sym, scale_dtype)
+    return [TensorSpec(f"{module}.{name}", dtype, shape) for name, dtype, shape in stored]
 
 
 def export_layer(module: str, packed: dict[str, torch.Tensor], n: int, k: int, config: QuantConfig) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.layout import SUPPORTED_BITS, effective_group_size, num_groups, pack_codes
+from ..kernels.layout import check_bits, effective_group_size, implicit_zero, num_groups, pack_codes
 
 
 @dataclass
@@ -64,7 +64,7 @@ def group_params(
     """
     max_code = (1 << bits) - 1
     if sym:
-        half = 1 << (bits - 1)
+        half = implicit_zero(bits)
         scale = _storable(w.abs().amax(dim=-1) * ratio / (half - 1), scale_dtype).to(w.dtype)
         return scale, torch.full_like(scale, half)
     lo = w.amin(dim=-1).clamp(max=0) * ratio
@@ -105,8 +105,7 @@ def quantize_rtn(
     scale_dtype: dtype the scales are stored in (default: W's dtype). Returns codes [N, K] uint8,
     scales [G, N] scale_dtype and zeros [G, N] uint8 (None when sym).
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    check_bits(bits)
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"tensor {name!r} must be a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
     check_finite(weight, name)

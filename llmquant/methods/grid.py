@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.layout import dequantize_codes, effective_group_size, implicit_zero
 from .codes import QuantizedWeight, group_params, to_codes
 
 # Clipping ratios tried per group and row. 1.0 first: ties keep the unclipped range. For
@@ -22,7 +23,7 @@ def clip_ratios(bits: int, sym: bool) -> torch.Tensor:
     """Candidate ratios r (float32 [R]) for the clipping search."""
     ratios = list(CLIP_RATIOS)
     if sym:
-        half = 1 << (bits - 1)
+        half = implicit_zero(bits)
         ratios.append(half / (half - 1))
     return torch.tensor(ratios)
 
@@ -74,18 +75,10 @@ def search_clip(
 
 def dequantize(q: QuantizedWeight, bits: int, group_size: int) -> torch.Tensor:
     """W: [N, K] float32 from codes/scales/zeros (what QuantLinear computes), for error checks."""
-    n, k = q.codes.shape
-    out = torch.empty(n, k, dtype=torch.float32, device=q.codes.device)
-    for g, (begin, end) in enumerate(group_spans(k, group_size)):
-        scale = q.scales[g].float()
-        zero = torch.full_like(scale, 1 << (bits - 1)) if q.zeros is None else q.zeros[g].float()
-        out[:, begin:end] = from_codes(q.codes[:, begin:end].float(), scale, zero)
-    return out
+    return dequantize_codes(q.codes, q.scales, q.zeros, bits, group_size, torch.float32)
 
 
 def group_spans(in_features: int, group_size: int) -> list[tuple[int, int]]:
     """[begin, end) column ranges of the groups of a row, the last one possibly shorter."""
-    from ..kernels.layout import effective_group_size
-
     group = effective_group_size(group_size, in_features)
     return [(b, min(b + group, in_features)) for b in range(0, in_features, group)]

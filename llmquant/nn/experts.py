@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..kernels.layout import num_groups, packed_rows
+from ..kernels.layout import stored_tensors
 from .linear import QuantLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -194,11 +194,7 @@ def stacked_buffers(
     """(name, dtype, shape) of the QuantExperts buffers of projection `proj` [E, N, K]: each
     expert's slice is a QuantLinear's qweight, scales and (asymmetric) qzeros."""
     experts, n, k = shape
-    groups = num_groups(k, group_size)
-    buffers = [
-        (f"{proj}_qweight", torch.int32, (experts, packed_rows(k, bits), n)),
-        (f"{proj}_scales", scale_dtype, (experts, groups, n)),
+    return [
+        (f"{proj}_{name}", dtype, (experts, *one))
+        for name, dtype, one in stored_tensors(n, k, bits, group_size, sym, scale_dtype)
     ]
-    if not sym:
-        buffers.append((f"{proj}_qzeros", torch.uint8, (experts, groups, n)))
-    return buffers

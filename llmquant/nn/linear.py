@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import sys
 import warnings
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 from ..errors import install_hint
 from ..kernels import cpu
-from ..kernels.layout import effective_group_size, num_groups, packed_rows, values_per_word
+from ..kernels.layout import dequantize_kn, stored_tensors
 from ..methods.codes import quantize_weight
 from .families import linear_features, linear_weight
 
@@ -73,19 +72,15 @@ class QuantLinear(nn.Module):
         self.bits = bits
         self.group_size = group_size
         self.sym = sym
-        groups = num_groups(in_features, group_size)
-        rows = packed_rows(in_features, bits)
-        self.register_buffer("qweight", torch.zeros(rows, out_features, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
+        for name, buffer_dtype, shape in stored_tensors(out_features, in_features, bits, group_size, sym, dtype):
+            self.register_buffer(name, torch.zeros(shape, dtype=buffer_dtype, device=device))
         if sym:
             self.qzeros = None
-        else:
-            self.register_buffer("qzeros", torch.zeros(groups, out_features, dtype=torch.uint8, device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        # CPU decode kernel's copy of the codes (llmquant/cpu.py): memory the model holds, so a
+        # CPU decode kernel's copy of the codes (kernels/cpu.py): memory the model holds, so a
         # buffer (counted by model_size_bytes), but not persistent (state_dict keeps FORMAT.md).
         self.register_buffer("cpu_packed", None, persistent=False)
         self.register_buffer("cpu_scales_zeros", None, persistent=False)
@@ -142,33 +137,8 @@ class QuantLinear(nn.Module):
 
     def _dequantize_kn(self, dtype: torch.dtype) -> torch.Tensor:
         """W^T [K, N] from the K-major packed words, without a transpose copy of the codes."""
-        bits, k, n = self.bits, self.in_features, self.out_features
-        weight = self._codes_kn()[:k].to(dtype)  # [K, N], a fresh copy: changed in place below
-        group = effective_group_size(self.group_size, k)
-        zeros = None if self.qzeros is None else self.qzeros.to(dtype).unsqueeze(1)  # [G, 1, N]
-        scales = self.scales.to(dtype).unsqueeze(1)
-        # whole groups as one [G', group, N] view and a ragged last group (K = 576, group 128)
-        # as another: padding K to whole groups would copy the codes once more
-        whole = k // group
-        for first, count, length in ((0, whole, group), (whole, 1, k - whole * group)):
-            if count and length:
-                part = weight[first * group : first * group + count * length].view(count, length, n)
-                zero = (1 << (bits - 1)) if zeros is None else zeros[first : first + count]
-                part.sub_(zero).mul_(scales[first : first + count])
-        return weight
-
-    def _codes_kn(self) -> torch.Tensor:
-        """Unsigned codes [rows * V, N] (K-padded), code k of column n at row k."""
-        bits, n = self.bits, self.out_features
-        rows = self.qweight.shape[0]
-        if bits == 8 and sys.byteorder == "little":
-            # Byte j of a little-endian word is code j: reading bytes beats shifting int32 words
-            # (~1.5x for the whole dequantization on CPU; for 4 bits, nibble splitting does not pay).
-            return self.qweight.view(torch.uint8).view(rows, n, 4).permute(0, 2, 1).reshape(rows * 4, n)
-        per_word = values_per_word(bits)
-        shifts = torch.arange(0, bits * per_word, bits, dtype=torch.int32, device=self.qweight.device)
-        codes = (self.qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << bits) - 1)
-        return codes.view(-1, n)
+        args = (self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.in_features)
+        return dequantize_kn(*args, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_triton(x):
