@@ -6,19 +6,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .checkpoint.source import read_json_object, safetensors_names, weight_files
-from .errors import CheckpointError
+from .checkpoint.source import read_model_config, safetensors_names, weight_files
 from .formats import detect_format
 
 
 def checkpoint_format(path: str | Path) -> str | None:
     """"llmquant", "gptq", "compressed-tensors", or None (floating point) for a model folder."""
-    config_path = Path(path).expanduser() / "config.json"
-    config = read_json_object(config_path)  # CheckpointError naming the file (unreadable, a list, ...)
-    quantization = config.get("quantization_config")
-    if quantization is not None and not isinstance(quantization, dict):
-        raise CheckpointError(f"{config_path}: quantization_config must be an object, got {quantization!r}")
-    return detect_format(quantization)
+    # CheckpointError naming config.json (missing, unreadable, a list, ...)
+    config = read_model_config(Path(path).expanduser(), links=True)
+    return detect_format(config.get("quantization_config"))
 
 
 def load(path: str | Path, **from_pretrained_kwargs: Any) -> Any:

@@ -31,15 +31,21 @@ import torch
 
 from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
+from ..errors import FormatError
 from ..kernels.layout import packed_rows, values_per_word
-from . import FormatError
 from .common import check_common, expect_shape, groups_of, pack_along_n, unpack_along_n
+from .registry import register_format
 
 NAME = "gptq"
 MEMBERS = ("qweight", "qzeros", "scales", "g_idx")
 CHECKPOINT_FORMAT = "gptq"  # v1: symmetric exports
 CHECKPOINT_FORMAT_ASYM = "gptq_v2"  # zeros as they are: asymmetric exports
 BLOCK = re.compile(r"^(?P<prefix>.+?)[.](?P<index>[0-9]+)[.](?P<inner>.+)$")
+
+
+@register_format(name=NAME, marker="qweight", scale_member="scales", members=MEMBERS)
+def recognizes(quantization_config: dict) -> bool:
+    return quantization_config.get("quant_method") == NAME
 
 
 def load_help(config: QuantConfig) -> str:
