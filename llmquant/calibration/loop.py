@@ -44,7 +44,6 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import QuantConfig
 from ..methods import awq, get_method, gptaq, rotation
@@ -53,6 +52,7 @@ from ..methods.grid import dequantize
 from ..nn import families
 from ..nn.experts import PROJECTIONS, experts_calibration
 from ..nn.surgery import expert_layers, linear_layers
+from ..progress import progress_bar
 
 ERROR_SAMPLES = 4  # samples whose float block output is recomputed for the progress bar
 HESSIAN_PANEL = 192  # columns per panel of the Hessian's upper triangle
@@ -544,7 +544,7 @@ def quantize_blocks(
     hidden_float = hidden if method.float_target else None  # the float model's hidden states
     results: dict[str, QuantizedWeight] = {}
     unscaled: dict[str, int] = {}  # block-relative linear name -> blocks where it stayed unscaled
-    bar = tqdm(total=len(blocks), desc=f"{config.method}", unit="block", disable=not progress)
+    bar = progress_bar(total=len(blocks), enabled=progress, desc=f"{config.method}", unit="block")
     for index, live in enumerate(blocks):
         block = store.load(index, live, device)
         hidden = hidden.to(device)
