@@ -1,5 +1,5 @@
 """Perplexity harness and benchmarks (installed as ``llmquant.evals``; may import ``llmquant``)."""
 
+from llmquant.errors import EvalError
 
-class EvalError(ValueError):
-    """Bad input to the harness (dataset, model folder, tokenizer, config): one line, CLI exit code 2."""
+__all__ = ["EvalError"]

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint.source import read_json_object, safetensors_names, weight_files
+from .checkpoint.source import read_model_config, safetensors_names, weight_files
 from .config import QuantConfig
-from .errors import CheckpointError
 from .formats import detect_format
 from .methods.presets import get_preset
 from .nn.surgery import quantizable_layers, round_to_nearest_
@@ -20,12 +19,9 @@ from .nn.surgery import quantizable_layers, round_to_nearest_
 
 def checkpoint_format(path: str | Path) -> str | None:
     """"llmquant", "gptq", "compressed-tensors", or None (floating point) for a model folder."""
-    config_path = Path(path).expanduser() / "config.json"
-    config = read_json_object(config_path)  # CheckpointError naming the file (unreadable, a list, ...)
-    quantization = config.get("quantization_config")
-    if quantization is not None and not isinstance(quantization, dict):
-        raise CheckpointError(f"{config_path}: quantization_config must be an object, got {quantization!r}")
-    return detect_format(quantization)
+    # CheckpointError naming config.json (missing, unreadable, a list, ...)
+    config = read_model_config(Path(path).expanduser(), links=True)
+    return detect_format(config.get("quantization_config"))
 
 
 def load(path: str | Path, **from_pretrained_kwargs: Any) -> Any:

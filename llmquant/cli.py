@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from .errors import first_line, missing_module
+from .formats.registry import format_names
 from .methods.presets import METHOD_NAMES, get_preset  # plain data: --help imports no torch
 
 EXIT_BAD_INPUT = 2
-FORMATS = ("llmquant", "compressed-tensors", "gptq")  # llmquant.formats.FORMAT_NAMES, without importing torch
 
 
 def _group_size(text: str) -> int:
@@ -58,9 +58,9 @@ def _add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=format_names(),
         default="llmquant",
-        help="checkpoint layout to write: llmquant (default), compressed-tensors or gptq (read by vLLM, "
+        help=f"checkpoint layout to write: llmquant (default), {' or '.join(format_names()[1:])} (read by vLLM, "
         "SGLang, TGI, transformers)",
     )
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
@@ -71,11 +71,11 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="rewrite a quantized checkpoint (llmquant, gptq, compressed-tensors) into another format",
+        help=f"rewrite a quantized checkpoint ({', '.join(format_names())}) into another format",
         description="Rewrite the quantized checkpoint SRC into OUT in --format, without re-quantizing: codes, "
         "scales and zero points are carried over bit for bit.",
     )
-    parser.add_argument("src", metavar="SRC", help="quantized model folder (llmquant, gptq or compressed-tensors)")
+    parser.add_argument("src", metavar="SRC", help=f"quantized model folder ({', '.join(format_names())})")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write (must not exist)")
     _add_output_arguments(parser)
 

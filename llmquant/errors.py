@@ -1,10 +1,26 @@
-"""How a bad-input error is shown: one line, never a traceback."""
+"""Every error class of llmquant, and how a bad-input error is shown: one line, never a traceback."""
 
 from __future__ import annotations
 
 
 class CheckpointError(ValueError):
     """A problem with the user's input, reported as one line (the CLI exits with code 2)."""
+
+
+class FormatError(CheckpointError):
+    """A model that a format cannot express (one line naming the layer and the reason; exit 2)."""
+
+
+class QuantizedCheckpointError(ValueError):
+    """The checkpoint's tensors do not match its quantization_config."""
+
+
+class CalibrationError(ValueError):
+    """Unusable calibration data (the CLI prints it as one line and exits with code 2)."""
+
+
+class EvalError(ValueError):
+    """Bad input to the harness (dataset, model folder, tokenizer, config): one line, CLI exit code 2."""
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -66,10 +65,11 @@ def model_size_bytes(model: nn.Module) -> int:
 
 def checkpoint_dtype(folder: str | Path) -> torch.dtype | None:
     """The float dtype recorded in a model folder's config.json ("dtype" or "torch_dtype"), if any."""
-    path = Path(folder) / "config.json"
+    from .checkpoint.source import read_model_config
+
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
+        config = read_model_config(Path(folder), links=True)
+    except ValueError:  # CheckpointError: no config.json, or not one transformers could read
         return None
     name = config.get("dtype") or config.get("torch_dtype")
     value = getattr(torch, name, None) if isinstance(name, str) else None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import first_line, with_cause
+from ..errors import CalibrationError, first_line, with_cause
 
 if TYPE_CHECKING:  # torch is imported lazily: the CLI builds its parser from this module
     import torch
@@ -44,10 +44,6 @@ DEFAULT_CALIBRATION = "c4"
 DEFAULT_NSAMPLES = 64
 DEFAULT_SEQLEN = 256
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-class CalibrationError(ValueError):
-    """Unusable calibration data (the CLI prints it as one line and exits with code 2)."""
 
 
 @dataclass

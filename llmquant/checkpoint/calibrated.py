@@ -33,22 +33,13 @@ from ..methods.blocks import module_name
 from ..methods.codes import pack
 from ..methods.presets import get_preset
 from .conversion import Conversion, ConvertedReader
-from .source import TensorReader, tensor_specs, weight_files
+from .source import TensorReader, meta_model, tensor_specs, weight_files
 
 
 def skeleton(src: Path) -> nn.Module:
     """The float32 model described by src/config.json with every parameter and persistent
     buffer on the meta device, in eval mode; non-persistent buffers are computed on CPU."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(src)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except Exception as error:
-        raise ValueError(f"cannot build the model described by {src / 'config.json'}: {first_line(error)}") from None
-    return model.eval()
+    return meta_model(src, dtype=torch.float32, buffers_on_cpu=True).eval()
 
 
 def _stored_names(module: nn.Module) -> list[str]:

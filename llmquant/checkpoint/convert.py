@@ -18,27 +18,23 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from ..config import QuantConfig
-from ..errors import CheckpointError
-from ..formats import FormatError, detect_format, get_format
+from ..errors import CheckpointError, FormatError
+from ..formats import detect_format, get_format
 from ..formats.experts import expert_specs, export_experts, import_experts, source_names
 from ..nn.experts import MEMBERS as EXPERT_MEMBERS
 from ..nn.experts import PROJECTIONS, is_experts
 from ..nn.families import is_linear, linear_features
 from ..nn.surgery import router_linears
+from ..progress import progress_bar
 from .conversion import Conversion, per_expert_rows
 from .modelcard import card_base_model, write_model_card
 from .plan import Skeleton, check_shapes, may_be_missing
 from .publish import check_output, copy_side_files, side_files, staged_output
 from .shards import ShardedWriter, TensorSpec, parse_size
-from .source import check_inside, read_json_object, resolve_source, safetensors_names, tensor_specs, weight_files
+from .source import TensorReader, meta_model, read_quantized_config, resolve_source, tensor_specs, weight_files
 from .verify import check_packed
-
-SCALE_MEMBER = {"llmquant": "scales", "gptq": "scales", "compressed-tensors": "weight_scale"}
-MARKER = {"llmquant": "qweight", "gptq": "qweight", "compressed-tensors": "weight_packed"}
 
 
 @dataclass
@@ -64,36 +60,6 @@ class Layer:
     members: dict[str, str] = field(default_factory=dict)  # suffix -> full tensor name
 
 
-def read_quantized_config(src: Path) -> dict:
-    """config.json of a quantized folder (a floating-point one is refused), a JSON object whose
-    quantization_config is an object; CheckpointError naming the file otherwise."""
-    path = src / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: the source is not a Hugging Face model folder")
-    check_inside(path, src)
-    config = read_json_object(path)
-    quantization = config.get("quantization_config")
-    if not quantization:
-        raise CheckpointError(f"{src} is not quantized (no quantization_config); use `llmquant quantize`")
-    if not isinstance(quantization, dict):
-        raise CheckpointError(f"{path}: quantization_config must be an object, got {quantization!r}")
-    return config
-
-
-def meta_model(src: Path) -> torch.nn.Module:
-    """The float architecture described by src/config.json, on the meta device (no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        model_config = AutoConfig.from_pretrained(src)
-        if hasattr(model_config, "quantization_config"):
-            del model_config.quantization_config  # the skeleton is the float architecture
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(model_config)
-    except Exception as error:
-        raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
-
-
 def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
     """{module name: (out_features N, in_features K, has bias)} of every nn.Linear of `model`."""
     return {
@@ -115,22 +81,16 @@ def float_plan(model: torch.nn.Module, layers: dict[str, Layer], experts: set[st
     return Skeleton(targets={}, skip=[], shapes=shapes, optional=may_be_missing(model))
 
 
-def tensor_files(files: list[Path]) -> dict[str, Path]:
-    """{tensor name: safetensors file holding it}; a truncated or unreadable file is named."""
-    where = {}
+def source_reader(files: list[Path]) -> TensorReader:
+    """The reader of the source's tensors; convert reads safetensors checkpoints only."""
     for path in files:
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: convert reads safetensors checkpoints only")
-        where.update(dict.fromkeys(safetensors_names(path), path))
-    return where
+    return TensorReader(files)
 
 
-def read_tensor(where: dict[str, Path], name: str) -> torch.Tensor:
-    try:
-        with safe_open(str(where[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
-    except Exception as error:
-        raise CheckpointError(f"cannot read tensor {name!r} from {where[name]}: {error}") from None
+def read_tensor(reader: TensorReader, name: str) -> torch.Tensor:
+    return reader.read([name])[name]
 
 
 def find_layers(
@@ -138,7 +98,7 @@ def find_layers(
 ) -> dict[str, Layer]:
     """The source's quantized linears, keyed by module name, with the tensors belonging to each."""
     names = {spec.name for spec in specs}
-    marker = MARKER[source.NAME]
+    marker = source.MARKER
     layers = {}
     for name in sorted(names):
         module, _, suffix = name.rpartition(".")
@@ -182,9 +142,9 @@ def plan(
         if layer.module in done:
             continue
         done.add(layer.module)
-        scale_name = layer.members.get(SCALE_MEMBER[source.NAME])
+        scale_name = layer.members.get(source.SCALE_MEMBER)
         if scale_name is None:
-            raise FormatError(f"{layer.module}: no {SCALE_MEMBER[source.NAME]} tensor in the checkpoint")
+            raise FormatError(f"{layer.module}: no {source.SCALE_MEMBER} tensor in the checkpoint")
         out += target.layer_specs(layer.module, layer.n, layer.k, by_name[scale_name].dtype, config)
         if layer.has_bias:
             if "bias" not in layer.members:
@@ -195,7 +155,7 @@ def plan(
 
 
 def expert_names_of(model: torch.nn.Module) -> list[str]:
-    """The experts tensors ("<experts>.gate_up_proj", ...) of the model (llmquant/experts.py)."""
+    """The experts tensors ("<experts>.gate_up_proj", ...) of the model (llmquant/nn/experts.py)."""
     return [f"{n}.{p}" for n, m in model.named_modules() if is_experts(m) for p in PROJECTIONS]
 
 
@@ -250,7 +210,7 @@ def convert_checkpoint(
     source = get_format(detect_format(source_qc))
     side_files(source_dir)  # a link out of the source is refused now, before writing
     files = weight_files(source_dir)
-    where = tensor_files(files)
+    reader = source_reader(files)
     specs = tensor_specs(files)
     model = meta_model(source_dir)
     shapes = linear_shapes(model)
@@ -298,17 +258,17 @@ def convert_checkpoint(
 
     with staged_output(out, overwrite) as staging:
         writer = ShardedWriter(staging, output_specs, max_bytes)
-        bar = tqdm(total=len(layers), desc=f"{source.NAME} -> {target.NAME}", unit="layer", disable=not progress)
+        bar = progress_bar(total=len(layers), enabled=progress, desc=f"{source.NAME} -> {target.NAME}", unit="layer")
         for kind, item in steps:
             if kind == "copy":
-                writer.write(item, read_tensor(where, item))
+                writer.write(item, read_tensor(reader, item))
                 continue
             if kind == "experts":
                 shape, source_rows = experts[item]
 
                 def read(name: str) -> torch.Tensor | None:
                     stored = raw_of.get(name, name)
-                    return read_tensor(where, stored) if stored in where else None
+                    return read_tensor(reader, stored) if stored in reader else None
 
                 packed = import_experts(source, item, shape, source_rows, read, config, source_qc)
                 target_rows = _rows(model, target, item, shape)
@@ -317,15 +277,15 @@ def convert_checkpoint(
                 bar.update(1)
                 continue
             layer: Layer = item
-            tensors = {m: read_tensor(where, name) for m, name in layer.members.items() if m != "bias"}
+            tensors = {m: read_tensor(reader, name) for m, name in layer.members.items() if m != "bias"}
             packed = source.import_layer(layer.module, tensors, layer.n, layer.k, config, source_qc)
             # the same checks as loading (shapes, dtypes, values): nothing is carried over unchecked
             check_packed(layer.module, packed, layer.n, layer.k, config)
             for suffix, tensor in target.export_layer(layer.module, packed, layer.n, layer.k, config).items():
                 writer.write(f"{layer.module}.{suffix}", tensor)
             if layer.has_bias:
-                writer.write(layer.members["bias"], read_tensor(where, layer.members["bias"]))
-            elif "bias" in layer.members and bool(read_tensor(where, layer.members["bias"]).any()):
+                writer.write(layer.members["bias"], read_tensor(reader, layer.members["bias"]))
+            elif "bias" in layer.members and bool(read_tensor(reader, layer.members["bias"]).any()):
                 # GPTQ writers store a zero bias even for bias-free layers: dropped; a real one is not
                 raise FormatError(f"{layer.members['bias']} is non-zero but the model's layer has no bias")
             bar.update(1)

@@ -13,9 +13,6 @@ from ..methods import get_method
 if TYPE_CHECKING:
     from .quantize import Summary
 
-FORMAT_TAGS = {"llmquant": ["llmquant"], "gptq": ["gptq"], "compressed-tensors": ["compressed-tensors"]}
-
-
 def _rotation_note(config: QuantConfig) -> str:
     """What a method with rotations did to the float tensors (empty otherwise)."""
     if not get_method(config.method).rotation:
@@ -62,7 +59,7 @@ def write_model_card(
     quantization_config: dict | None = None,
     converted_from: str | None = None,
 ) -> None:
-    """Card of a folder written in format `fmt` (llmquant, gptq or compressed-tensors): what was
+    """Card of a folder written in format `fmt` (a registered format, llmquant/formats/): what was
     quantized and how, which llmquant made it, and how each engine loads it. `base_model` is the
     float model; `converted_from` the quantized folder a `convert` read (named as such, never as
     the base model); `quantization_config` what config.json holds (default: computed from `config`)."""
@@ -78,7 +75,7 @@ def write_model_card(
     front = ["---", "library_name: transformers"]
     if is_hub_id:
         front.append(f"base_model: {base_model}")
-    front += ["tags:", "- llmquant", *(f"- {tag}" for tag in FORMAT_TAGS[fmt] if tag != "llmquant")]
+    front += ["tags:", "- llmquant", *([f"- {target.NAME}"] if target.NAME != "llmquant" else [])]
     front += ["- quantized", f"- int{config.bits}", "---"]
     table = ""
     if summary is not None:

@@ -22,14 +22,15 @@ from ..nn import families
 from ..nn.experts import expert_shapes
 from ..nn.surgery import check_skip_matches, expert_layers, linear_layers, modules_to_skip
 from .shards import TensorSpec
+from .source import meta_model
 
 
 @dataclass
 class Skeleton:
     """What the meta model says about a checkpoint: {linear weight tensor name: module name}, the
     resolved modules_to_not_convert, {tensor name: shape} of the model's state dict, the meta
-    model itself (for transformers' conversion rules, llmquant/conversion.py) and the experts
-    tensors quantized per expert ({"<experts>.gate_up_proj": (E, N, K)}, llmquant/experts.py)."""
+    model itself (for transformers' conversion rules, checkpoint/conversion.py) and the experts
+    tensors quantized per expert ({"<experts>.gate_up_proj": (E, N, K)}, llmquant/nn/experts.py)."""
 
     targets: dict[str, str]
     skip: list[str]
@@ -44,14 +45,7 @@ class Skeleton:
 
 def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
     """Build the model described by `src`/config.json on the meta device and read the plan off it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        model_config = AutoConfig.from_pretrained(src)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config)
-    except Exception as error:
-        raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
+    model = meta_model(src)
     try:
         check_skip_matches(model, config)
         families.check_method(model, config.method)  # e.g. gptq-rot on a LayerNorm family: before any work

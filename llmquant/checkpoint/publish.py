@@ -18,7 +18,6 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import json
 import os
 import re
 import secrets
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from ..config import QUANT_METHOD
 from ..errors import CheckpointError
-from .source import WEIGHT_INDEXES, WEIGHT_SUFFIXES, check_inside
+from .source import WEIGHT_INDEXES, WEIGHT_SUFFIXES, check_inside, read_model_config
 
 
 def side_files(src: Path) -> list[Path]:
@@ -82,7 +81,7 @@ def is_llmquant_output(folder: Path) -> bool:
     if not any(folder.iterdir()):
         return True
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = read_model_config(folder, links=True)
         return written_by_llmquant(config["quantization_config"])
     except (OSError, ValueError, TypeError, KeyError):
         return False

@@ -18,10 +18,9 @@ import torch
 
 from ..calibration.data import CalibrationSet, check_seqlen_for
 from ..config import QuantConfig
-from ..errors import CheckpointError
 from ..formats import get_format
 from ..formats.experts import export_experts
-from ..methods.codes import quantize_weight
+from ..methods.codes import check_finite, quantize_weight
 from ..methods.presets import get_preset
 from ..progress import progress_bar
 from ..stats import bits_from_bytes
@@ -53,13 +52,6 @@ class Summary:
         return bits_from_bytes(self.quantized_bytes, self.params_quantized)
 
 
-def check_finite_copy(name: str, tensor: torch.Tensor) -> None:
-    """A tensor copied as is must be finite too: NaN/Inf in e.g. a norm weight breaks every output."""
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(f"tensor {name!r} has {bad} NaN/Inf values; refusing to write a checkpoint with it")
-
-
 def _model_tensors(files: list[Path], conversion: Conversion) -> Iterator[tuple[str, torch.Tensor]]:
     """(model tensor name, tensor) in the planned order: the stored tensors one at a time, or,
     when transformers' rules rename or merge some (conversion.py), each group as it is converted
@@ -84,10 +76,10 @@ def quantize_checkpoint(
     """Quantize the checkpoint at `src` (folder or Hub id) into the folder `out`, written in
     format `fmt`: "llmquant", "gptq" or "compressed-tensors" (llmquant/formats/).
 
-    Calibrated methods (gptq, clip) compute every packed tensor first from the float model on
-    CPU (`calibrated_checkpoint.py`; `calibration`: a CalibrationSet or a callable returning one,
-    called once the plan is checked; default c4 from the Hub);
-    the loop below then writes those instead of quantizing."""
+    Calibrated methods (`get_method(config.method).calibrated`) compute every packed tensor first
+    from the float model, block by block (`calibrated.py`; `calibration`: a CalibrationSet or a
+    callable returning one, called once the plan is checked; default c4 from the Hub); the loop
+    below then writes those instead of quantizing."""
     start = time.perf_counter()
     out = Path(out).expanduser()
     max_bytes = parse_size(max_shard_size)
@@ -96,7 +88,7 @@ def quantize_checkpoint(
     model_config = read_config(source)
     check_output(out, source, overwrite)
     side_files(source)  # a link out of the source is refused now, not after the work
-    # a callable is checked once called (calibrated_checkpoint)
+    # a callable is checked once called (calibrated.py)
     if isinstance(calibration, CalibrationSet) and get_preset(config.method).calibrated:
         check_seqlen_for(source, calibration.tokens.shape[1])
     files = weight_files(source)
@@ -155,7 +147,7 @@ def quantize_checkpoint(
                 continue
             if name not in targets:
                 if tensor.is_floating_point():
-                    check_finite_copy(name, tensor)
+                    check_finite(tensor, name, refusing="write a checkpoint with it")  # NaN in a norm: every output
                 writer.write(name, changed[name].to(tensor.dtype) if name in changed else tensor)
                 continue
             if name in skeleton.transposed:
@@ -173,7 +165,7 @@ def quantize_checkpoint(
             bar.update(1)
         bar.close()
         for name, value in added.items():
-            check_finite_copy(name, value)
+            check_finite(value, name, refusing="write a checkpoint with it")
             writer.write(name, value)
             summary.params_total += value.numel()
         writer.close()

@@ -93,20 +93,61 @@ def read_json_object(path: Path) -> dict:
     return value
 
 
-def read_config(src: Path) -> dict:
-    """config.json of a floating-point model folder (an already quantized one is refused)."""
+def read_model_config(src: Path, links: bool = False) -> dict:
+    """config.json of a model folder, a JSON object whose quantization_config, when present, is an
+    object too; CheckpointError naming the file otherwise (missing, unreadable, or, unless `links`
+    (a folder only read, never copied to an output), a link out of `src`: `check_inside`)."""
     config_path = src / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} not found: the source is not a Hugging Face model folder")
-    check_inside(config_path, src)
+    if not links:
+        check_inside(config_path, src)
     config = read_json_object(config_path)
+    quantization = config.get("quantization_config")
+    if quantization not in (None, {}) and not isinstance(quantization, dict):
+        raise CheckpointError(f"{config_path}: quantization_config must be an object, got {quantization!r}")
+    return config
+
+
+def read_config(src: Path) -> dict:
+    """config.json of a floating-point model folder (an already quantized one is refused)."""
+    config = read_model_config(src)
     quantization = config.get("quantization_config")
     if quantization in (None, {}):
         return config
-    if not isinstance(quantization, dict):
-        raise CheckpointError(f"{config_path}: quantization_config must be an object, got {quantization!r}")
     method = quantization.get("quant_method", "unknown")
     raise CheckpointError(f"{src} is already quantized (quant_method {method!r}); quantize a floating-point model")
+
+
+def read_quantized_config(src: Path) -> dict:
+    """config.json of a quantized model folder (a floating-point one is refused)."""
+    config = read_model_config(src)
+    if not config.get("quantization_config"):
+        raise CheckpointError(f"{src} is not quantized (no quantization_config); use `llmquant quantize`")
+    return config
+
+
+def meta_model(src: Path, dtype: torch.dtype | None = None, buffers_on_cpu: bool = False) -> torch.nn.Module:
+    """The floating-point model described by src/config.json (its quantization_config ignored),
+    parameters on the meta device (no memory, no weights); with `buffers_on_cpu`, buffers are
+    created on CPU (non-persistent ones such as rotary frequencies computed, as loading would).
+    CheckpointError naming config.json when transformers cannot build it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.from_pretrained(src)
+        if hasattr(model_config, "quantization_config"):
+            del model_config.quantization_config  # the skeleton is the float architecture
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        if buffers_on_cpu:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                return AutoModelForCausalLM.from_config(model_config, **kwargs)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(model_config, **kwargs)
+    except Exception as error:
+        raise CheckpointError(f"cannot build the model described by {src / 'config.json'}: {error}") from None
 
 
 # Files that sit beside the weights in many repos but are not the model: adapters, a

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import QUANT_METHOD, QuantConfig
-from ..errors import first_line
+from ..errors import CheckpointError, QuantizedCheckpointError, first_line
+from ..formats.llmquant import looks_like as looks_like_llmquant
 from ..kernels.layout import stored_tensors
 from ..nn.experts import QuantExperts
 from ..nn.linear import QuantLinear
-from .shards import DTYPES
-
-
-class QuantizedCheckpointError(ValueError):
-    """The checkpoint's tensors do not match its quantization_config."""
+from .source import TensorReader, tensor_specs
 
 
 def _describe(config: QuantConfig) -> str:
@@ -34,18 +30,11 @@ def _describe(config: QuantConfig) -> str:
 
 def checkpoint_shapes(files: Iterable[str | Path]) -> dict[str, tuple[torch.dtype | None, tuple[int, ...]]]:
     """{tensor name: (dtype, shape)} from the headers of safetensors files (no data is read)."""
-    from safetensors import safe_open
-
-    found: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
-                    view = handle.get_slice(name)
-                    found[name] = (DTYPES.get(view.get_dtype()), tuple(view.get_shape()))
-        except Exception as error:  # SafetensorError and OSError: truncated or not safetensors
-            raise QuantizedCheckpointError(f"llmquant: cannot read {path}: {first_line(error)}") from None
-    return found
+    try:
+        specs = tensor_specs([Path(path) for path in files])
+    except CheckpointError as error:  # truncated or not safetensors, named
+        raise QuantizedCheckpointError(f"llmquant: {first_line(error)}") from None
+    return {spec.name: (spec.dtype, spec.shape) for spec in specs}
 
 
 def _by_model_names(model: nn.Module, found: dict) -> dict:
@@ -119,21 +108,17 @@ def check_checkpoint(model: nn.Module, config: QuantConfig, files: Iterable[str 
 def check_stored_values(model: nn.Module, files: list[str | Path]) -> None:
     """`check_values` for every QuantLinear of `model` on the scales and zeros stored in `files`,
     read before transformers loads anything (only those tensors: a G-th of the codes' size)."""
-    from safetensors import safe_open
-
     wanted = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             wanted[f"{name}.scales"] = (name, module.bits)
             if not module.sym:
                 wanted[f"{name}.qzeros"] = (name, module.bits)
+    reader = TensorReader([Path(path) for path in files])
     values: dict[str, dict[str, torch.Tensor]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if key in wanted:
-                    module, bits = wanted[key]
-                    values.setdefault(module, {"bits": bits})[key.rpartition(".")[2]] = handle.get_tensor(key)
+    for key, tensor in reader.read([key for key in wanted if key in reader]).items():
+        module, bits = wanted[key]
+        values.setdefault(module, {"bits": bits})[key.rpartition(".")[2]] = tensor
     for module, stored in values.items():
         check_values(module, stored["bits"], stored["scales"], stored.get("qzeros"))
 
@@ -233,13 +218,6 @@ def _check_loaded_experts(name: str, module: QuantExperts, config: QuantConfig) 
         raise QuantizedCheckpointError(
             f"llmquant: experts {name!r} were not loaded as quantization_config says ({_describe(config)})"
         )
-
-
-def looks_like_llmquant(quantization_config: Any) -> bool:
-    """A quantization_config dict with llmquant's own fields (whatever its quant_method says)."""
-    return isinstance(quantization_config, dict) and {"bits", "group_size", "sym", "format_version"} <= set(
-        quantization_config
-    )
 
 
 def guard_unknown_quant_method() -> None:

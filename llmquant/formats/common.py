@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..config import QuantConfig
+from ..errors import FormatError
 from ..kernels.layout import num_groups, pack_codes, unpack_codes, values_per_word
-from . import FormatError
 
 ENGINE_BITS = (4, 8)
 

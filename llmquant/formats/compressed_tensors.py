@@ -24,13 +24,21 @@ import torch
 
 from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
+from ..errors import FormatError
 from ..kernels.layout import group_index, packed_rows
-from . import FormatError
 from .common import ENGINE_BITS, check_common, expect_shape, groups_of, pack_along_n, unpack_along_n
+from .registry import register_format
 
 NAME = "compressed-tensors"
 FORMAT = "pack-quantized"
 MEMBERS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+@register_format(
+    name=NAME, marker="weight_packed", scale_member="weight_scale", members=MEMBERS, aliases=("compressed_tensors",)
+)
+def recognizes(quantization_config: dict) -> bool:
+    return quantization_config.get("quant_method") == NAME
 
 
 def load_help(config: QuantConfig) -> str:

@@ -1,4 +1,4 @@
-"""Mixture-of-Experts layers in the three formats (experts quantized by llmquant/experts.py).
+"""Mixture-of-Experts layers in the three formats (experts quantized by llmquant/nn/experts.py).
 
 An experts tensor of the model, e.g. `model.layers.0.mlp.experts.gate_up_proj` [E, N, K], holds
 one [N, K] matrix per expert, packed like a linear's (docs/FORMAT.md):

@@ -31,9 +31,10 @@ import torch
 
 from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
+from ..errors import FormatError
 from ..kernels.layout import SUPPORTED_BITS, group_index, implicit_zero, packed_rows, values_per_word
-from . import FormatError
 from .common import check_common, expect_shape, groups_of, pack_along_n, unpack_along_n
+from .registry import register_format
 
 NAME = "gptq"
 MEMBERS = ("qweight", "qzeros", "scales", "g_idx")
@@ -42,6 +43,11 @@ CHECKPOINT_FORMAT_ASYM = "gptq_v2"  # zeros as they are: asymmetric exports
 # Widths read: GPTQ's 3-bit codes cross int32 word boundaries, unlike llmquant's 10 per word.
 READ_BITS = tuple(bits for bits in SUPPORTED_BITS if 32 % bits == 0)
 BLOCK = re.compile(r"^(?P<prefix>.+?)[.](?P<index>[0-9]+)[.](?P<inner>.+)$")
+
+
+@register_format(name=NAME, marker="qweight", scale_member="scales", members=MEMBERS)
+def recognizes(quantization_config: dict) -> bool:
+    return quantization_config.get("quant_method") == NAME
 
 
 def load_help(config: QuantConfig) -> str:

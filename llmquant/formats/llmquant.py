@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
 from ..kernels.layout import stored_tensors
+from .registry import register_format
 
 NAME = "llmquant"
 MEMBERS = ("qweight", "scales", "qzeros")
+
+
+@register_format(name=NAME, marker="qweight", scale_member="scales", members=MEMBERS)
+def recognizes(quantization_config: dict) -> bool:
+    return quantization_config.get("quant_method") == NAME
+
+
+def looks_like(quantization_config: Any) -> bool:
+    """A quantization_config dict with llmquant's own fields (whatever its quant_method says)."""
+    return isinstance(quantization_config, dict) and {"bits", "group_size", "sym", "format_version"} <= set(
+        quantization_config
+    )
+
 LOAD_HELP = """`pip install llmquant` first: without it, transformers skips the unknown quantization method with
 a warning and leaves the quantized layers randomly initialised.
 

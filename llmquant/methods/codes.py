@@ -85,11 +85,11 @@ def to_codes(
     return codes.round_().add_(zero).clamp_(0, (1 << bits) - 1)
 
 
-def check_finite(weight: torch.Tensor, name: str) -> None:
-    """Raise ValueError naming the tensor if it holds NaN or Inf."""
+def check_finite(weight: torch.Tensor, name: str, refusing: str = "quantize it") -> None:
+    """Raise ValueError naming the tensor if it holds NaN or Inf ("...; refusing to `refusing`")."""
     if not torch.isfinite(weight).all():
         bad = (~torch.isfinite(weight)).sum().item()
-        raise ValueError(f"tensor {name!r} has {bad} NaN/Inf values; refusing to quantize it")
+        raise ValueError(f"tensor {name!r} has {bad} NaN/Inf values; refusing to {refusing}")
 
 
 def quantize_rtn(

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 import llmquant
 from llmquant import QuantConfig, QuantLinear
 from llmquant.cli import main
-from llmquant.formats import FormatError, compressed_tensors, gptq
+from llmquant.errors import FormatError
+from llmquant.formats import compressed_tensors, gptq
 from llmquant.methods.codes import quantize_weight
 from tests.gptq_reader import dequantize_gptq
 
