@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmquant.cli import METHOD_NAMES
 from llmquant.errors import first_line, missing_module
+from llmquant.methods.presets import METHOD_NAMES
 
 from . import EvalError
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from llmquant.calibration.data import hub_offline
-from llmquant.checkpoint.source import looks_like_path
 from llmquant.errors import first_line, with_cause
+from llmquant.hub import hub_offline, looks_like_path
 
 from . import EvalError
 

@@ -223,3 +223,8 @@ def dequantize_codes(
     weight = codes.to(dtype, memory_format=torch.contiguous_format, copy=True)  # [N, K], changed in place below
     _apply_groups(weight.t(), scales, zeros, bits, group_size)  # splitting K of the transposed view is a view
     return weight
+
+
+def bits_from_bytes(stored_bytes: int, weights: int) -> float:
+    """8 * bytes of the stored tensors / quantized weights: the bits-per-weight formula."""
+    return 8 * stored_bytes / max(weights, 1)

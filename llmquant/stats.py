@@ -17,15 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .kernels.layout import bits_from_bytes
 from .nn.linear import QuantLinear
 
 MIB = 2**20
 FORMAT_TENSORS = ("qweight", "scales", "qzeros")
-
-
-def bits_from_bytes(format_bytes: int, weights: int) -> float:
-    """8 * bytes of the format tensors / quantized weights: the bits-per-weight formula."""
-    return 8 * format_bytes / max(weights, 1)
 
 
 def format_bytes(layer: QuantLinear, scale_dtype: torch.dtype | None = None) -> int:

@@ -14,13 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"llmquant": ROOT / "llmquant", "llmquant.kernels": ROOT / "kernels", "llmquant.evals": ROOT / "evals"}
 
 # Layers from the bottom up: a module may import its own layer and those below it, never one above.
-# (errors and progress are utilities every layer may use.)
+# Quantizers work on tensors and sit below the modules that hold their results (QuantLinear packs with
+# methods.codes); transforms (awq, rotation, gptaq's float target) work on a model's blocks and sit
+# above them. A longer prefix wins: llmquant.methods.presets is below llmquant.nn, llmquant.methods.awq above.
+QUANTIZERS = ("codes", "grid", "rtn", "clip", "gptq", "presets")
 LAYERS = [
-    ("llmquant.errors", "llmquant.progress"),
+    ("llmquant.errors", "llmquant.progress", "llmquant.hub"),
     ("llmquant.kernels",),
-    ("llmquant.methods",),
+    tuple(f"llmquant.methods.{name}" for name in QUANTIZERS) + ("llmquant.methods",),
     ("llmquant.config",),
     ("llmquant.nn",),
+    ("llmquant.methods.transform", "llmquant.methods.blocks", "llmquant.methods.awq", "llmquant.methods.rotation"),
+    ("llmquant.methods.gptaq", "llmquant.methods.compose"),
     ("llmquant.calibration",),
     ("llmquant.formats", "llmquant.checkpoint"),
     ("llmquant.api", "llmquant.hf", "llmquant.stats"),

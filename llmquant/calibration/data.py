@@ -8,12 +8,12 @@ windows of `seqlen` tokens at random positions chosen by `seed` (deterministic f
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CalibrationError, first_line, with_cause
+from ..hub import hub_offline, looks_like_path
 
 if TYPE_CHECKING:  # torch is imported lazily: the CLI builds its parser from this module
     import torch
@@ -67,12 +67,6 @@ class CalibrationSet:
         }
 
 
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: a Hub dataset then fails at once, with
-    our message, instead of after datasets' retries (shared with the eval harness, llmquant.evals.data)."""
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _hub_error(source: str, why: str) -> CalibrationError:
     """The one-line error for a Hub calibration set that cannot be had: why, and how to use a local file."""
     return CalibrationError(
@@ -91,9 +85,6 @@ def load_text(source: str | Path, text_field: str = "text") -> str:
     """All rows of `source` joined with "\\n\\n" (a .txt file as one document)."""
     import datasets
 
-    from ..checkpoint.source import (
-        looks_like_path,  # imports torch: not at module level (the CLI's parser reads this module)
-    )
 
     path = Path(source).expanduser()
     loader = LOADERS.get(path.suffix.lower())

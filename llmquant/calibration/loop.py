@@ -35,7 +35,7 @@ from ..methods.blocks import ERROR_SAMPLES, output, rows, run_hooked
 from ..methods.codes import QuantizedWeight
 from ..methods.compose import resolve
 from ..methods.grid import dequantize
-from ..nn import families
+from ..nn import families, linears
 from ..nn.experts import PROJECTIONS
 from ..nn.surgery import expert_layers, linear_layers
 from ..progress import progress_bar
@@ -169,7 +169,7 @@ def _quantize_block(
             for transform in transforms:
                 transform.on_input(module, flat, cache["h"])
         full = f"{block.name}.{block.names[module]}"
-        weight = families.linear_weight(module)  # [N, K]; GPT-2's Conv1D stores it transposed
+        weight = linears.linear_weight(module)  # [N, K]; GPT-2's Conv1D stores it transposed
         source = weight.detach()
         for transform in transforms:
             source = transform.target(source)

@@ -25,7 +25,7 @@ from ..formats import detect_format, get_format
 from ..formats.experts import expert_specs, export_experts, import_experts, source_names
 from ..nn.experts import MEMBERS as EXPERT_MEMBERS
 from ..nn.experts import PROJECTIONS, is_experts
-from ..nn.families import is_linear, linear_features
+from ..nn.linears import is_linear, linear_features
 from ..nn.surgery import router_linears
 from ..progress import progress_bar
 from .conversion import Conversion, per_expert_rows

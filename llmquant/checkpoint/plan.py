@@ -18,7 +18,7 @@ import torch
 from ..config import QuantConfig
 from ..errors import CheckpointError
 from ..kernels.layout import stored_tensors
-from ..nn import families
+from ..nn import families, linears
 from ..nn.experts import expert_shapes
 from ..nn.surgery import check_skip_matches, expert_layers, linear_layers, modules_to_skip
 from .shards import TensorSpec
@@ -63,10 +63,10 @@ def quantizable_weights(src: Path, config: QuantConfig) -> Skeleton:
             f"{modules_to_skip(model, config)})"
         )
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    transposed = {f"{name}.weight" for name, module in layers if families.transposed(module)}
+    transposed = {f"{name}.weight" for name, module in layers if linears.transposed(module)}
     quantized = {name for name, _ in layers}
     float_linears = [
-        name for name, module in model.named_modules() if families.is_linear(module) and name not in quantized
+        name for name, module in model.named_modules() if linears.is_linear(module) and name not in quantized
     ]
     return Skeleton(
         {f"{name}.weight": name for name, _ in layers},

@@ -20,10 +20,10 @@ from ..calibration.data import CalibrationSet, check_seqlen_for
 from ..config import QuantConfig
 from ..formats import get_format
 from ..formats.experts import export_experts
+from ..kernels.layout import bits_from_bytes
 from ..methods.codes import check_finite, quantize_weight
 from ..methods.presets import get_preset
 from ..progress import progress_bar
-from ..stats import bits_from_bytes
 from .calibrated import precompute_packed
 from .conversion import Conversion
 from .modelcard import write_model_card

@@ -17,18 +17,11 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError, first_line
+from ..hub import HUB_ID, looks_like_path
 from .shards import DTYPES, TensorSpec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def looks_like_path(src: str) -> bool:
-    """A local path, not a Hub id: absolute, starting with . or ~, a backslash, or more than one /."""
-    return src.startswith((".", "~", "/")) or "\\" in src or src.count("/") > 1 or Path(src).is_absolute()
-
-
 def resolve_source(src: str) -> Path:
     """A local folder, or a Hub id fetched (or found in the cache) with huggingface_hub."""
     path = Path(src).expanduser()

@@ -31,7 +31,7 @@ import copy
 import torch
 from torch import nn
 
-from ..nn.families import linear_weight
+from ..nn.linears import linear_weight
 from .blocks import ERROR_SAMPLES, is_norm, module_name, norm_inputs, output, record_changed, relative_change, rows
 from .transform import Transform
 

@@ -15,7 +15,7 @@ from ..errors import install_hint
 from ..kernels import cpu
 from ..kernels.layout import dequantize_kn, stored_tensors
 from ..methods.codes import quantize_weight
-from .families import linear_features, linear_weight
+from .linears import linear_features, linear_weight
 
 KERNEL_ENV = "LLMQUANT_KERNEL"
 

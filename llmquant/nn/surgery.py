@@ -12,8 +12,8 @@ from ..config import QuantConfig
 from ..methods.codes import check_finite, quantize_weight
 from ..progress import progress_bar
 from .experts import PROJECTIONS, QuantExperts, quantize_experts
-from .families import is_linear
 from .linear import QuantLinear
+from .linears import is_linear
 
 
 def default_skip(model: nn.Module) -> list[str]:
