@@ -4,7 +4,7 @@
     python -m llmquant.evals.bench_gpu_checks quantize [--out DIR] [--layers 3] [--dry-run]
 
 `eval`: `llmquant eval` of stories260k (`--configs int4-g32`, tinystories-valid-excerpt.txt,
-seqlen 256, the run recorded in docs GPU.md) on CPU in float32 (the reference), then on CUDA in
+seqlen 256, as the earlier H100 run of commit 84e7850) on CPU in float32 (the reference), then on CUDA in
 float32 and in float16. The CUDA float32 perplexities (baseline and int4) must equal the CPU ones to
 1e-3 (absolute); the float16 run is recorded beside them (another dtype: not held to 1e-3).
 Writes `eval-stories260k-<device>.json` after every run.

@@ -8,7 +8,7 @@ from llmquant.methods.codes import num_groups, quantize_rtn, quantize_weight
 
 
 def reference_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool, scales: torch.Tensor):
-    """Codes by the DESIGN.md formulas in float64, given the stored scales [G, N]."""
+    """Codes by the formulas of docs/FORMAT.md in float64, given the stored scales [G, N]."""
     n, k = weight.shape
     group = k if group_size == -1 else group_size
     w = weight.double()
