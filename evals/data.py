@@ -1,8 +1,8 @@
 """Evaluation text: load it, tokenize it once, cut it into scoring windows.
 
 Protocol (the one the GPTQ papers and transformers' perplexity guide use): dataset rows joined
-with ``"\\n\\n"``, tokenized once without special tokens, non-overlapping windows of ``seqlen`` tokens, remainder dropped.
-Inside a window the first token has no context, so a window scores ``seqlen - 1`` predicted
+with ``"\\n\\n"``, tokenized once without special tokens, non-overlapping windows of ``seqlen``
+tokens, remainder dropped. Inside a window the first token has no context, so a window scores ``seqlen - 1`` predicted
 tokens (the standard HF/GPTQ protocol: ``labels = input_ids`` shifted by one inside the model).
 """
 
