@@ -1,8 +1,8 @@
 """The package's import graph: no cycles, and imports run one way, down the data flow.
 
 The graph is read from the source (every `import` and `from ... import`, at module level or inside
-a function: a lazy import is still a dependency), for `llmquant` and the folders installed as
-`llmquant.kernels` and `llmquant.evals`.
+a function: a lazy import is still a dependency; only imports under `if TYPE_CHECKING:`, which never
+run, are left out), for `llmquant` and the folders installed as `llmquant.kernels` and `llmquant.evals`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,17 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in known.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         edges = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for statement in node.body
+            for inner in ast.walk(statement)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
