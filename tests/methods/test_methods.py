@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmquant
 from llmquant import QuantConfig, QuantLinear
-from llmquant.calibration.data import CalibrationError, load_calibration, sample_windows
+from llmquant.calibration.data import load_calibration, sample_windows
 from llmquant.calibration.hessian import HESSIAN_PANEL, input_hessian
+from llmquant.errors import CalibrationError
 from llmquant.methods import METHODS, get_method, gptaq, gptq, rotation
 from llmquant.methods.codes import group_params, quantize_rtn
 from llmquant.methods.grid import clip_ratios, dequantize, search_clip
