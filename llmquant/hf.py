@@ -2,7 +2,7 @@
 
 Registered under quant_method "llmquant" by `register()` (called on `import llmquant`; safe to
 call twice). Pre-quantized load swaps nn.Linear for empty QuantLinear (and Mixture-of-Experts
-experts modules for QuantExperts, llmquant/experts.py) before the weights are read, so the packed
+experts modules for QuantExperts, llmquant/nn/experts.py) before the weights are read, so the packed
 tensors load straight into their buffers. Quantize-on-load lets transformers
 load the floating-point weights, then quantizes layer by layer after loading (as the GPTQ
 integration does): simple and robust across transformers 5.x, at the price of holding the

@@ -48,7 +48,7 @@ class Summary:
 
     @property
     def bits_per_weight(self) -> float:
-        """Stored bits (codes + scales + zeros) per weight of the quantized layers (llmquant/stats.py)."""
+        """Stored bits (codes + scales + zeros) per weight of the quantized layers (`layout.bits_from_bytes`)."""
         return bits_from_bytes(self.quantized_bytes, self.params_quantized)
 
 

@@ -63,7 +63,7 @@ def check_skip_matches(model: nn.Module, config: QuantConfig) -> None:
 
 def linear_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs the config quantizes, in model order: nn.Linear and transformers'
-    Conv1D (GPT-2; a transposed linear, see llmquant.nn.families)."""
+    Conv1D (GPT-2; a transposed linear, see llmquant.nn.linears)."""
     skip = modules_to_skip(model, config)  # includes a tied head
     # A linear sharing its weight with an embedding (tied head) must stay a float tensor.
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -92,7 +92,7 @@ def router_linears(model: nn.Module) -> set[nn.Module]:
 
 
 def expert_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
-    """The (name, experts module) pairs the config quantizes (llmquant/experts.py), in model order;
+    """The (name, experts module) pairs the config quantizes (llmquant/nn/experts.py), in model order;
     ValueError naming one whose layout QuantExperts cannot run."""
     from .experts import check_layout, is_experts
 
