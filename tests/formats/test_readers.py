@@ -174,8 +174,20 @@ def test_engine_readers_load_exports_like_llmquant(name, exported, loaded, gptq_
     _check(name, exported, loaded, gptq_readers, tokens)
 
 
+# transformers' GPTQ path (optimum -> GPTQModel's torch kernel) rounds through fp16: on SmolLM2 its
+# float32 logits differ from llmquant.load's by 1.4e-3 relative for g64 asym (9.6e-4 for sym),
+# while GPTQModel.load of the same folder gives llmquant's fp16 logits exactly (measured
+# 2026-12-04): reader arithmetic, not the export. Pinned so that a change either way shows up.
+SMOLLM2_XFAIL = {
+    "smollm2-gptq-w4-g64-asym": "transformers+GPTQ float32 logits 1.4e-3 from llmquant.load (fp16 kernel rounding)",
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SMOLLM2_EXPORTS))
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=SMOLLM2_XFAIL[n])) if n in SMOLLM2_XFAIL else n
+    for n in sorted(SMOLLM2_EXPORTS)
+])
 def test_engine_readers_load_smollm2_exports_like_llmquant(name, exported_smollm2, loaded_smollm2, gptq_readers,
                                                           tokens):
     _check(name, exported_smollm2, loaded_smollm2, gptq_readers, tokens)
