@@ -49,12 +49,20 @@ EXPORTS = {
                                                                  "--skip", "down_proj"]),
     "stories-ct-w8-asym": ("stories", "compressed-tensors", ["--bits", "8", "--group-size", "-1"]),
 }
+# SmolLM2-135M (K = 576, so group 64; tied head kept in float): marked slow, exported and loaded apart
+SMOLLM2_EXPORTS = {
+    "smollm2-gptq-w4-g64-sym": ("smollm2", "gptq", ["--bits", "4", "--group-size", "64", "--sym"]),
+    "smollm2-gptq-w4-g64-asym": ("smollm2", "gptq", ["--bits", "4", "--group-size", "64"]),
+    "smollm2-ct-w4-g64-sym": ("smollm2", "compressed-tensors", ["--bits", "4", "--group-size", "64", "--sym"]),
+    "smollm2-ct-w4-g64-asym": ("smollm2", "compressed-tensors", ["--bits", "4", "--group-size", "64"]),
+}
+ALL_EXPORTS = {**EXPORTS, **SMOLLM2_EXPORTS}
 
 
 def readers(name: str, gptq_readers: bool) -> list[str]:
     """The readers an export is loaded by: transformers, and GPTQModel's loader for GPTQ. GPTQ is
     read by transformers only through optimum + GPTQModel, present with LLMQUANT_READER_GPTQ=1."""
-    if EXPORTS[name][1] != "gptq":
+    if ALL_EXPORTS[name][1] != "gptq":
         return ["transformers"]
     return ["transformers", "gptqmodel"] if gptq_readers else []
 
@@ -85,16 +93,24 @@ def gptq_readers(reader_python) -> bool:
     return subprocess.run([reader_python, "-c", probe], capture_output=True, text=True).stdout.strip() == "True"
 
 
-@pytest.fixture(scope="module")
-def exported(stories_dir, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("reader-exports")
-    models = {"tiny": build_tiny_llama(root / "tiny-llama"), "stories": stories_dir}
+def _export(exports: dict, models: dict[str, Path], root: Path) -> dict[str, Path]:
     folders = {}
-    for name, (model, fmt, args) in EXPORTS.items():
+    for name, (model, fmt, args) in exports.items():
         out = root / name
         assert main(["quantize", str(models[model]), "-o", str(out), "--format", fmt, "--quiet", *args]) == 0
         folders[name] = out
     return folders
+
+
+@pytest.fixture(scope="module")
+def exported(stories_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("reader-exports")
+    return _export(EXPORTS, {"tiny": build_tiny_llama(root / "tiny-llama"), "stories": stories_dir}, root)
+
+
+@pytest.fixture(scope="module")
+def exported_smollm2(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
+    return _export(SMOLLM2_EXPORTS, {"smollm2": smollm2_dir}, tmp_path_factory.mktemp("reader-exports-smollm2"))
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +122,9 @@ def tokens(tmp_path_factory) -> tuple[torch.Tensor, Path]:
     return ids, path
 
 
-@pytest.fixture(scope="module")
-def loaded(reader_python, gptq_readers, exported, tokens, tmp_path_factory) -> dict[tuple[str, str], dict]:
+def _load_all(reader_python: str, gptq_readers: bool, exported: dict[str, Path], tokens_path: Path,
+              root: Path) -> dict[tuple[str, str], dict]:
     """{(export, reader): the reader's result}, every load in one process of the reader env."""
-    root = tmp_path_factory.mktemp("reader-results")
     jobs = []
     for name, folder in exported.items():
         for reader in readers(name, gptq_readers):
@@ -121,9 +136,20 @@ def loaded(reader_python, gptq_readers, exported, tokens, tmp_path_factory) -> d
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(CUDA_VISIBLE_DEVICES="", GPTQMODEL_CPU_WORKERS="2")
     done = subprocess.run([reader_python, str(ROOT / "tests" / "readers" / "load_check.py"), str(root / "jobs.json"),
-                           str(tokens[1])], capture_output=True, text=True, env=env, cwd=root, timeout=1200)
+                           str(tokens_path)], capture_output=True, text=True, env=env, cwd=root, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     return {tuple(job["key"]): torch.load(job["out"], weights_only=False) for job in jobs}
+
+
+@pytest.fixture(scope="module")
+def loaded(reader_python, gptq_readers, exported, tokens, tmp_path_factory) -> dict[tuple[str, str], dict]:
+    return _load_all(reader_python, gptq_readers, exported, tokens[1], tmp_path_factory.mktemp("reader-results"))
+
+
+@pytest.fixture(scope="module")
+def loaded_smollm2(reader_python, gptq_readers, exported_smollm2, tokens, tmp_path_factory) -> dict:
+    return _load_all(reader_python, gptq_readers, exported_smollm2, tokens[1],
+                     tmp_path_factory.mktemp("reader-results-smollm2"))
 
 
 def _llmquant_logits(folder: Path, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -145,6 +171,29 @@ def _quantized_in_config(folder: Path) -> set[str]:
 
 @pytest.mark.parametrize("name", sorted(EXPORTS))
 def test_engine_readers_load_exports_like_llmquant(name, exported, loaded, gptq_readers, tokens):
+    _check(name, exported, loaded, gptq_readers, tokens)
+
+
+# transformers' GPTQ path (optimum -> GPTQModel's torch kernel) rounds through fp16: on SmolLM2 its
+# float32 logits differ from llmquant.load's by 1.4e-3 relative for g64 asym (9.6e-4 for sym),
+# while GPTQModel.load of the same folder gives llmquant's fp16 logits exactly (measured
+# 2026-12-04): reader arithmetic, not the export. Pinned so that a change either way shows up.
+SMOLLM2_XFAIL = {
+    "smollm2-gptq-w4-g64-asym": "transformers+GPTQ float32 logits 1.4e-3 from llmquant.load (fp16 kernel rounding)",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=SMOLLM2_XFAIL[n])) if n in SMOLLM2_XFAIL else n
+    for n in sorted(SMOLLM2_EXPORTS)
+])
+def test_engine_readers_load_smollm2_exports_like_llmquant(name, exported_smollm2, loaded_smollm2, gptq_readers,
+                                                          tokens):
+    _check(name, exported_smollm2, loaded_smollm2, gptq_readers, tokens)
+
+
+def _check(name, exported, loaded, gptq_readers, tokens):
     ids, _ = tokens
     folder = exported[name]
     if not readers(name, gptq_readers):
@@ -163,7 +212,7 @@ def test_engine_readers_load_exports_like_llmquant(name, exported, loaded, gptq_
         info = report.get("loading_info", {})
         assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (reader, info)
         assert not report["log"], (reader, report["log"])
-        if reader == "gptqmodel" or EXPORTS[name][1] == "gptq":
+        if reader == "gptqmodel" or ALL_EXPORTS[name][1] == "gptq":
             assert set(report["quantized_modules"]) == stored, (reader, set(report["quantized_modules"]) ^ stored)
         scale = reference.abs().max()
         error = (result["logits"] - reference).abs().max() / scale
