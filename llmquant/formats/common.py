@@ -6,7 +6,7 @@ import torch
 
 from ..config import QuantConfig
 from ..errors import FormatError
-from ..kernels.layout import num_groups, pack_codes, unpack_codes, values_per_word
+from ..kernels.layout import pack_codes, unpack_codes, values_per_word
 
 ENGINE_BITS = (4, 8)
 
@@ -43,10 +43,6 @@ def unpack_along_n(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def expect_shape(module: str, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != shape:
         raise FormatError(f"{module}.{name} has shape {tuple(tensor.shape)}, expected {shape}")
-
-
-def groups_of(k: int, config: QuantConfig) -> int:
-    return num_groups(k, config.group_size)
 
 
 # vLLM's mixed-precision kernels (read from its source; docs/FORMAT.md, "Serving"): Marlin

@@ -25,8 +25,8 @@ import torch
 from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
 from ..errors import FormatError
-from ..kernels.layout import group_index, packed_rows
-from .common import ENGINE_BITS, check_common, expect_shape, groups_of, pack_along_n, unpack_along_n
+from ..kernels.layout import group_index, num_groups, packed_rows
+from .common import ENGINE_BITS, check_common, expect_shape, pack_along_n, unpack_along_n
 from .registry import register_format
 
 NAME = "compressed-tensors"
@@ -78,7 +78,7 @@ def check_model(quantized: Sequence[str], kept: Sequence[str]) -> None:
 
 
 def layer_specs(module: str, n: int, k: int, scale_dtype: torch.dtype, config: QuantConfig) -> list[TensorSpec]:
-    groups = groups_of(k, config)
+    groups = num_groups(k, config.group_size)
     specs = [
         TensorSpec(f"{module}.weight_packed", torch.int32, (n, packed_rows(k, config.bits))),
         TensorSpec(f"{module}.weight_scale", scale_dtype, (n, groups)),
@@ -114,7 +114,7 @@ def import_layer(
             raise FormatError(f"{module}.weight_g_idx is an activation ordering; llmquant's groups are contiguous")
     if "weight_shape" in tensors and tensors["weight_shape"].tolist() != [n, k]:
         raise FormatError(f"{module}.weight_shape is {tensors['weight_shape'].tolist()}, the model says {[n, k]}")
-    groups = groups_of(k, config)
+    groups = num_groups(k, config.group_size)
     expect_shape(module, "weight_packed", tensors["weight_packed"], (n, packed_rows(k, config.bits)))
     expect_shape(module, "weight_scale", tensors["weight_scale"], (n, groups))
     packed = {

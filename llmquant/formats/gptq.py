@@ -32,8 +32,8 @@ import torch
 from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
 from ..errors import FormatError
-from ..kernels.layout import SUPPORTED_BITS, group_index, implicit_zero, packed_rows, values_per_word
-from .common import check_common, expect_shape, groups_of, pack_along_n, unpack_along_n
+from ..kernels.layout import SUPPORTED_BITS, group_index, implicit_zero, num_groups, packed_rows, values_per_word
+from .common import check_common, expect_shape, pack_along_n, unpack_along_n
 from .registry import register_format
 
 NAME = "gptq"
@@ -84,7 +84,7 @@ def _group_index(k: int, config: QuantConfig) -> torch.Tensor:
 
 
 def layer_specs(module: str, n: int, k: int, scale_dtype: torch.dtype, config: QuantConfig) -> list[TensorSpec]:
-    groups = groups_of(k, config)
+    groups = num_groups(k, config.group_size)
     return [
         TensorSpec(f"{module}.qweight", torch.int32, (packed_rows(k, config.bits), n)),
         TensorSpec(f"{module}.qzeros", torch.int32, (groups, packed_rows(n, config.bits))),
@@ -104,7 +104,7 @@ def export_layer(module: str, packed: dict[str, torch.Tensor], n: int, k: int, c
 
     Returns {"qweight": [K/V, N] int32, "qzeros": [G, N/V] int32, "scales": [G, N] float,
     "g_idx": [K] int32}."""
-    groups = groups_of(k, config)
+    groups = num_groups(k, config.group_size)
     if config.sym:
         stored = torch.full((groups, n), implicit_zero(config.bits) - 1, dtype=torch.int32)
     else:
@@ -125,7 +125,7 @@ def import_layer(
     for name in ("qweight", "qzeros", "scales"):
         if name not in tensors:
             raise FormatError(f"{module}.{name} is missing from the GPTQ checkpoint")
-    groups, bits = groups_of(k, config), config.bits
+    groups, bits = num_groups(k, config.group_size), config.bits
     expect_shape(module, "qweight", tensors["qweight"], (packed_rows(k, bits), n))
     expect_shape(module, "scales", tensors["scales"], (groups, n))
     expect_shape(module, "qzeros", tensors["qzeros"], (groups, packed_rows(n, bits)))
