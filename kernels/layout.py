@@ -79,6 +79,9 @@ def group_index(in_features: int, group_size: int, device: torch.device | str | 
     return torch.arange(in_features, device=device) // group
 
 
+STORED_NAMES = ("qweight", "scales", "qzeros")  # what `stored_tensors` lists (qzeros: asymmetric only)
+
+
 class StoredTensor(NamedTuple):
     """One tensor a quantized linear stores: its name, dtype and shape."""
 
@@ -93,12 +96,13 @@ def stored_tensors(
     """What a quantized weight W [N, K] is stored as, in this order: qweight [ceil(K/V), N] int32,
     scales [G, N] scale_dtype and, asymmetric only, qzeros [G, N] uint8."""
     rows, groups = packed_rows(in_features, bits), num_groups(in_features, group_size)
+    qweight, scales, qzeros = STORED_NAMES
     specs = [
-        StoredTensor("qweight", torch.int32, (rows, out_features)),
-        StoredTensor("scales", scale_dtype, (groups, out_features)),
+        StoredTensor(qweight, torch.int32, (rows, out_features)),
+        StoredTensor(scales, scale_dtype, (groups, out_features)),
     ]
     if not sym:
-        specs.append(StoredTensor("qzeros", torch.uint8, (groups, out_features)))
+        specs.append(StoredTensor(qzeros, torch.uint8, (groups, out_features)))
     return specs
 
 

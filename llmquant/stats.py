@@ -17,17 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .kernels.layout import bits_from_bytes
+from .kernels.layout import STORED_NAMES, bits_from_bytes
 from .nn.linear import QuantLinear
 
 MIB = 2**20
-FORMAT_TENSORS = ("qweight", "scales", "qzeros")
 
 
 def format_bytes(layer: QuantLinear, scale_dtype: torch.dtype | None = None) -> int:
     """Stored bytes of one layer's format tensors, scales counted at `scale_dtype` (default: theirs)."""
     total = 0
-    for name in FORMAT_TENSORS:
+    for name in STORED_NAMES:
         tensor = getattr(layer, name)
         if tensor is None:
             continue

@@ -161,6 +161,9 @@ def _quantize_block(
     for transform in transforms:
         transform.before_quantize(run, block)
 
+    def quantize_one(weight: torch.Tensor, h: torch.Tensor, name: str, dtype: torch.dtype) -> QuantizedWeight:
+        return quantize(weight, h, config.bits, config.group_size, config.sym, scale_dtype or dtype, name)
+
     def hook(module, args):
         x = args[0]
         if cache.get("x") is not x:  # q/k/v (gate/up) share one input tensor: one Hessian
@@ -173,21 +176,13 @@ def _quantize_block(
         source = weight.detach()
         for transform in transforms:
             source = transform.target(source)
-        q = quantize(
-            source,
-            cache["h"],
-            config.bits,
-            config.group_size,
-            config.sym,
-            scale_dtype or weight.dtype,
-            f"{full}.weight",
-        )
+        q = quantize_one(source, cache["h"], f"{full}.weight", weight.dtype)
         results[full] = q if keep is None else keep(q)
         # later linears of the block see this one's quantized output
         weight.data.copy_(dequantize(q, config.bits, config.group_size).to(weight.dtype))
 
     def quantize_expert(name: str, weight: torch.Tensor, h: torch.Tensor) -> tuple[object, torch.Tensor]:
-        q = quantize(weight, h, config.bits, config.group_size, config.sym, scale_dtype or weight.dtype, name)
+        q = quantize_one(weight, h, name, weight.dtype)
         return (q if keep is None else keep(q)), dequantize(q, config.bits, config.group_size)
 
     block_experts = {m: f"{block.name}.{n}" for n, m in block.block.named_modules() if f"{block.name}.{n}" in experts}

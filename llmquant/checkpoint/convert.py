@@ -277,7 +277,8 @@ def convert_checkpoint(
                 bar.update(1)
                 continue
             layer: Layer = item
-            tensors = {m: read_tensor(reader, name) for m, name in layer.members.items() if m != "bias"}
+            stored = reader.read([name for m, name in layer.members.items() if m != "bias"])
+            tensors = {m: stored[name] for m, name in layer.members.items() if m != "bias"}
             packed = source.import_layer(layer.module, tensors, layer.n, layer.k, config, source_qc)
             # the same checks as loading (shapes, dtypes, values): nothing is carried over unchecked
             check_packed(layer.module, packed, layer.n, layer.k, config)

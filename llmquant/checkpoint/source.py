@@ -22,6 +22,8 @@ from .shards import DTYPES, TensorSpec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
 def resolve_source(src: str) -> Path:
     """A local folder, or a Hub id fetched (or found in the cache) with huggingface_hub."""
     path = Path(src).expanduser()

@@ -9,11 +9,11 @@ import torch
 
 from ..checkpoint.shards import TensorSpec
 from ..config import QuantConfig
-from ..kernels.layout import stored_tensors
+from ..kernels.layout import STORED_NAMES, stored_tensors
 from .registry import register_format
 
 NAME = "llmquant"
-MEMBERS = ("qweight", "scales", "qzeros")
+MEMBERS = STORED_NAMES  # the identity: the stored format itself
 
 
 @register_format(name=NAME, marker="qweight", scale_member="scales", members=MEMBERS)

@@ -18,7 +18,12 @@ file names, so the CLI lists them without importing torch.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -90,8 +95,6 @@ def register_format(
     a module that does not define them)."""
 
     def register(recognizes: Callable[[dict], bool]) -> Callable[[dict], bool]:
-        import sys
-
         module = sys.modules[recognizes.__module__]
         if _name_of(recognizes.__module__.rpartition(".")[2]) != name:
             raise ValueError(f"format {name!r} must be defined in {name.replace('-', '_')}.py (format_names reads it)")
@@ -108,14 +111,12 @@ def _name_of(module: str) -> str:
     return module.replace("_", "-")
 
 
-def _format_modules() -> list[str]:
+@functools.cache
+def _format_modules() -> tuple[str, ...]:
     """The format modules of this package (every module but the helpers): llmquant's own first,
-    then the others by name (the order of the CLI's choices and of messages)."""
-    import pkgutil
-    from pathlib import Path
-
+    then the others by name (the order of the CLI's choices and of messages). Listed once."""
     names = [info.name for info in pkgutil.iter_modules([str(Path(__file__).parent)]) if info.name not in HELPERS]
-    return sorted(names, key=lambda name: (name != "llmquant", name))
+    return tuple(sorted(names, key=lambda name: (name != "llmquant", name)))
 
 
 def format_names() -> tuple[str, ...]:
@@ -126,8 +127,6 @@ def format_names() -> tuple[str, ...]:
 def load_formats() -> dict[str, Format]:
     """{name: format module} of every format of this package, imported once (each registers itself
     on import), in `format_names` order."""
-    import importlib
-
     package = __name__.rpartition(".")[0]
     for module in _format_modules():
         importlib.import_module(f"{package}.{module}")

@@ -16,11 +16,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..kernels.layout import stored_tensors
+from ..kernels.layout import STORED_NAMES, stored_tensors
 from .linear import QuantLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
-MEMBERS = ("qweight", "scales", "qzeros")
+MEMBERS = STORED_NAMES  # each expert's slice holds a QuantLinear's tensors
 
 
 def is_experts(module: nn.Module) -> bool:
